@@ -1,0 +1,151 @@
+"""The ``meshgate`` command line: parses arguments and calls into the packages.
+
+    meshgate run PATH... [--address ADDR] [--admin-port PORT] [--labels k=v,...]
+                         [--gateway-class NAME] [--workers N] [--log-format json|text]
+    meshgate validate PATH...          # exit 0 clean, 1 errors; warnings never fail
+    meshgate routes PATH... [--host H] [--json]
+    meshgate demo-backend --port PORT [--name NAME]
+
+Exit codes: 0 success, 1 configuration errors, 2 usage errors (argparse's own).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+__all__ = ["main", "parse_labels"]
+
+
+def parse_labels(text: str) -> dict[str, str]:
+    """``istio=ingressgateway,app=edge`` -> a dict; raises ValueError on a bad pair."""
+    labels: dict[str, str] = {}
+    for pair in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"label {pair!r} is not of the form key=value")
+        labels[key.strip()] = value.strip()
+    return labels
+
+
+def _labels_arg(text: str) -> dict[str, str]:
+    try:
+        return parse_labels(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="meshgate", description="A gateway-first service mesh configured with Istio YAML."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="serve the Gateways whose selector matches --labels")
+    run.add_argument("paths", nargs="+", metavar="PATH", help="YAML file or directory")
+    run.add_argument("--address", default="127.0.0.1", help="address to bind (127.0.0.1)")
+    run.add_argument("--admin-port", type=int, default=15000, help="admin API port (15000)")
+    run.add_argument(
+        "--labels",
+        type=_labels_arg,
+        default={"istio": "ingressgateway"},
+        help="this gateway's labels, matched by Gateway selectors (istio=ingressgateway)",
+    )
+    run.add_argument("--gateway-class", default="meshgate", help="Gateway API class name")
+    run.add_argument("--workers", type=int, default=1, help="processes sharing the ports (1)")
+    run.add_argument("--log-format", choices=("json", "text"), default="json")
+
+    validate = sub.add_parser("validate", help="check configuration; exit 1 on errors")
+    validate.add_argument("paths", nargs="+", metavar="PATH")
+
+    routes = sub.add_parser("routes", help="print the compiled route table")
+    routes.add_argument("paths", nargs="+", metavar="PATH")
+    routes.add_argument("--host", help="only this host")
+    routes.add_argument("--json", action="store_true", help="machine-readable output")
+    routes.add_argument(
+        "--labels", type=_labels_arg, default={"istio": "ingressgateway"}, help="gateway labels"
+    )
+
+    demo = sub.add_parser("demo-backend", help="a small echo service for demos and tests")
+    demo.add_argument("--port", type=int, required=True)
+    demo.add_argument("--name", default="demo")
+    demo.add_argument("--address", default="127.0.0.1")
+    return parser
+
+
+def _print_problems(errors: Sequence[object], warnings: Sequence[object]) -> None:
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    for error in errors:
+        print(f"error: {error}", file=sys.stderr)
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from .config import ConfigErrors
+    from .config.load import load_config
+
+    try:
+        model = load_config(args.paths)
+    except ConfigErrors as exc:
+        _print_problems(exc.errors, exc.warnings)
+        print(exc.summary(), file=sys.stderr)
+        return 1
+    _print_problems((), model.warnings)
+    count = len(model.resources)
+    print(f"{count} resource{'s' if count != 1 else ''} valid, {len(model.warnings)} warnings")
+    return 0
+
+
+def _cmd_routes(args: argparse.Namespace) -> int:
+    from .config import ConfigErrors
+    from .config.load import load_config
+    from .routing.compile import compile_snapshot
+    from .routing.dump import format_routes
+
+    try:
+        model = load_config(args.paths)
+    except ConfigErrors as exc:
+        _print_problems(exc.errors, exc.warnings)
+        print(exc.summary(), file=sys.stderr)
+        return 1
+    snapshot = compile_snapshot(model, args.labels)
+    print(format_routes(snapshot, host=args.host, as_json=args.json))
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .runtime import RunOptions, run
+
+    options = RunOptions(
+        paths=tuple(args.paths),
+        address=args.address,
+        admin_port=args.admin_port,
+        labels=args.labels,
+        gateway_class=args.gateway_class,
+        workers=args.workers,
+        log_format=args.log_format,
+    )
+    return run(options)
+
+
+def _cmd_demo_backend(args: argparse.Namespace) -> int:
+    from .demo_backend import serve
+
+    serve(port=args.port, name=args.name, address=args.address)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    handler = {
+        "run": _cmd_run,
+        "validate": _cmd_validate,
+        "routes": _cmd_routes,
+        "demo-backend": _cmd_demo_backend,
+    }[args.command]
+    return handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

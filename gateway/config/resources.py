@@ -1,0 +1,511 @@
+"""Typed Istio resources, as the user wrote them.
+
+These classes are the contract between loading/validation (``load.py``,
+``validate.py``) and the compiler (``gateway.routing.compile``). They mirror the
+Istio API field for field: a Python field ``foo_bar`` is spelled ``fooBar`` in YAML
+(``yaml_name`` below), unless its metadata names it otherwise. Nothing here is
+interpreted yet: durations stay strings, hosts stay as written. Interpretation is
+the compiler's job; checking is the validator's.
+
+Every field that Istio marks optional has a default here; a field without a default
+is required and the parser reports its absence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "API_VERSIONS",
+    "ClientTLSSettings",
+    "ConnectionPoolSettings",
+    "ConsistentHashLB",
+    "CorsPolicy",
+    "Delegate",
+    "Destination",
+    "DestinationRuleSpec",
+    "FaultAbort",
+    "FaultDelay",
+    "GatewayServer",
+    "GatewaySpec",
+    "HTTPBody",
+    "HTTPDirectResponse",
+    "HTTPFaultInjection",
+    "HTTPMatchRequest",
+    "HTTPRedirect",
+    "HTTPRetry",
+    "HTTPRewrite",
+    "HTTPRoute",
+    "HTTPRouteDestination",
+    "HTTPSettings",
+    "HeaderOperations",
+    "Headers",
+    "LoadBalancerSettings",
+    "Metadata",
+    "OutlierDetection",
+    "Percent",
+    "Port",
+    "PortSelector",
+    "PortTrafficPolicy",
+    "RegexRewrite",
+    "Resource",
+    "ServerTLSSettings",
+    "ServiceEntryPort",
+    "ServiceEntrySpec",
+    "StringMatch",
+    "Subset",
+    "TCPSettings",
+    "TrafficPolicy",
+    "VirtualServiceSpec",
+    "WorkloadEntry",
+    "yaml_name",
+]
+
+
+def yaml_name(python_name: str) -> str:
+    """``redirect_code`` -> ``redirectCode``; a field's ``yaml`` metadata wins."""
+    head, *rest = python_name.rstrip("_").split("_")
+    return head + "".join(part[:1].upper() + part[1:] for part in rest)
+
+
+def _yaml(name: str) -> Any:
+    """Field metadata for a YAML spelling that camelCase cannot produce."""
+    return {"yaml": name}
+
+
+# --------------------------------------------------------------------------- common
+
+
+@dataclass(frozen=True, slots=True)
+class Metadata:
+    name: str
+    namespace: str = "default"
+    labels: dict[str, str] = field(default_factory=dict)
+    annotations: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class StringMatch:
+    """Exactly one of exact / prefix / regex is set (the validator checks)."""
+
+    exact: str | None = None
+    prefix: str | None = None
+    regex: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Percent:
+    value: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderOperations:
+    set: dict[str, str] = field(default_factory=dict)
+    add: dict[str, str] = field(default_factory=dict)
+    remove: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class Headers:
+    request: HeaderOperations | None = None
+    response: HeaderOperations | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Port:
+    number: int
+    protocol: str
+    name: str
+    target_port: int | None = None
+
+
+# --------------------------------------------------------------------------- Gateway
+
+
+@dataclass(frozen=True, slots=True)
+class ServerTLSSettings:
+    https_redirect: bool = False
+    mode: str = "SIMPLE"  # PASSTHROUGH | SIMPLE | MUTUAL | AUTO_PASSTHROUGH | ISTIO_MUTUAL
+    server_certificate: str | None = None
+    private_key: str | None = None
+    ca_certificates: str | None = None
+    ca_crl: str | None = None
+    credential_name: str | None = None
+    subject_alt_names: list[str] = field(default_factory=list)
+    verify_certificate_spki: list[str] = field(default_factory=list)
+    verify_certificate_hash: list[str] = field(default_factory=list)
+    min_protocol_version: str | None = None  # TLS_AUTO | TLSV1_0 .. TLSV1_3
+    max_protocol_version: str | None = None
+    cipher_suites: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayServer:
+    port: Port
+    hosts: list[str]
+    bind: str | None = None
+    tls: ServerTLSSettings | None = None
+    default_endpoint: str | None = None
+    name: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class GatewaySpec:
+    servers: list[GatewayServer]
+    selector: dict[str, str] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- VirtualService
+
+
+@dataclass(frozen=True, slots=True)
+class HTTPMatchRequest:
+    name: str | None = None
+    uri: StringMatch | None = None
+    scheme: StringMatch | None = None
+    method: StringMatch | None = None
+    authority: StringMatch | None = None
+    headers: dict[str, StringMatch] = field(default_factory=dict)
+    port: int | None = None
+    source_labels: dict[str, str] = field(default_factory=dict)
+    gateways: list[str] = field(default_factory=list)
+    query_params: dict[str, StringMatch] = field(default_factory=dict)
+    ignore_uri_case: bool = False
+    without_headers: dict[str, StringMatch] = field(default_factory=dict)
+    source_namespace: str | None = None
+    stat_prefix: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PortSelector:
+    number: int
+
+
+@dataclass(frozen=True, slots=True)
+class Destination:
+    host: str
+    subset: str | None = None
+    port: PortSelector | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HTTPRouteDestination:
+    destination: Destination
+    weight: int | None = None
+    headers: Headers | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HTTPRedirect:
+    uri: str | None = None
+    authority: str | None = None
+    port: int | None = None
+    derive_port: str | None = None  # FROM_PROTOCOL_DEFAULT | FROM_REQUEST_PORT
+    scheme: str | None = None
+    redirect_code: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RegexRewrite:
+    match: str
+    rewrite: str
+
+
+@dataclass(frozen=True, slots=True)
+class HTTPRewrite:
+    uri: str | None = None
+    authority: str | None = None
+    uri_regex_rewrite: RegexRewrite | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HTTPBody:
+    string: str | None = None
+    bytes: str | None = None  # base64, as Istio spells it
+
+
+@dataclass(frozen=True, slots=True)
+class HTTPDirectResponse:
+    status: int
+    body: HTTPBody | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HTTPRetry:
+    attempts: int | None = None
+    per_try_timeout: str | None = None
+    retry_on: str | None = None
+    retry_remote_localities: bool | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FaultDelay:
+    fixed_delay: str | None = None
+    exponential_delay: str | None = None
+    percentage: Percent | None = None
+    percent: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FaultAbort:
+    http_status: int | None = None
+    grpc_status: str | None = None
+    http2_error: str | None = None
+    percentage: Percent | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HTTPFaultInjection:
+    delay: FaultDelay | None = None
+    abort: FaultAbort | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CorsPolicy:
+    allow_origins: list[StringMatch] = field(default_factory=list)
+    allow_origin: list[str] = field(default_factory=list)  # deprecated Istio spelling
+    allow_methods: list[str] = field(default_factory=list)
+    allow_headers: list[str] = field(default_factory=list)
+    expose_headers: list[str] = field(default_factory=list)
+    max_age: str | None = None
+    allow_credentials: bool | None = None
+    unmatched_preflights: str | None = None  # FORWARD | IGNORE
+
+
+@dataclass(frozen=True, slots=True)
+class Delegate:
+    name: str
+    namespace: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HTTPRoute:
+    name: str | None = None
+    match: list[HTTPMatchRequest] = field(default_factory=list)
+    route: list[HTTPRouteDestination] = field(default_factory=list)
+    redirect: HTTPRedirect | None = None
+    direct_response: HTTPDirectResponse | None = None
+    delegate: Delegate | None = None
+    rewrite: HTTPRewrite | None = None
+    timeout: str | None = None
+    retries: HTTPRetry | None = None
+    fault: HTTPFaultInjection | None = None
+    mirror: Destination | None = None
+    mirrors: list[dict[str, Any]] = field(default_factory=list)
+    mirror_percentage: Percent | None = None
+    cors_policy: CorsPolicy | None = None
+    headers: Headers | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class VirtualServiceSpec:
+    hosts: list[str] = field(default_factory=list)
+    gateways: list[str] = field(default_factory=list)
+    http: list[HTTPRoute] = field(default_factory=list)
+    tls: list[dict[str, Any]] = field(default_factory=list)  # parsed in a later issue
+    tcp: list[dict[str, Any]] = field(default_factory=list)  # parsed in a later issue
+    export_to: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- DestinationRule
+
+
+@dataclass(frozen=True, slots=True)
+class ConsistentHashLB:
+    http_header_name: str | None = None
+    http_cookie: dict[str, Any] | None = None
+    use_source_ip: bool | None = None
+    http_query_parameter_name: str | None = None
+    ring_hash: dict[str, Any] | None = None
+    maglev: dict[str, Any] | None = None
+    minimum_ring_size: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LoadBalancerSettings:
+    simple: str | None = None  # UNSPECIFIED | RANDOM | PASSTHROUGH | ROUND_ROBIN | LEAST_REQUEST
+    consistent_hash: ConsistentHashLB | None = None
+    locality_lb_setting: dict[str, Any] | None = None
+    warmup_duration_secs: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TCPSettings:
+    max_connections: int | None = None
+    connect_timeout: str | None = None
+    tcp_keepalive: dict[str, Any] | None = None
+    max_connection_duration: str | None = None
+    idle_timeout: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HTTPSettings:
+    http1_max_pending_requests: int | None = None
+    http2_max_requests: int | None = None
+    max_requests_per_connection: int | None = None
+    max_retries: int | None = None
+    idle_timeout: str | None = None
+    h2_upgrade_policy: str | None = None  # DEFAULT | DO_NOT_UPGRADE | UPGRADE
+    use_client_protocol: bool | None = None
+    max_concurrent_streams: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionPoolSettings:
+    tcp: TCPSettings | None = None
+    http: HTTPSettings | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class OutlierDetection:
+    consecutive_errors: int | None = None
+    consecutive_5xx_errors: int | None = field(default=None, metadata=_yaml("consecutive5xxErrors"))
+    consecutive_gateway_errors: int | None = None
+    split_external_local_origin_errors: bool | None = None
+    consecutive_local_origin_failures: int | None = None
+    interval: str | None = None
+    base_ejection_time: str | None = None
+    max_ejection_percent: int | None = None
+    min_health_percent: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ClientTLSSettings:
+    mode: str = "DISABLE"  # DISABLE | SIMPLE | MUTUAL | ISTIO_MUTUAL
+    client_certificate: str | None = None
+    private_key: str | None = None
+    ca_certificates: str | None = None
+    credential_name: str | None = None
+    subject_alt_names: list[str] = field(default_factory=list)
+    sni: str | None = None
+    insecure_skip_verify: bool | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PortTrafficPolicy:
+    port: PortSelector | None = None
+    load_balancer: LoadBalancerSettings | None = None
+    connection_pool: ConnectionPoolSettings | None = None
+    outlier_detection: OutlierDetection | None = None
+    tls: ClientTLSSettings | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TrafficPolicy:
+    load_balancer: LoadBalancerSettings | None = None
+    connection_pool: ConnectionPoolSettings | None = None
+    outlier_detection: OutlierDetection | None = None
+    tls: ClientTLSSettings | None = None
+    port_level_settings: list[PortTrafficPolicy] = field(default_factory=list)
+    tunnel: dict[str, Any] | None = None
+    proxy_protocol: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Subset:
+    name: str
+    labels: dict[str, str] = field(default_factory=dict)
+    traffic_policy: TrafficPolicy | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DestinationRuleSpec:
+    host: str
+    traffic_policy: TrafficPolicy | None = None
+    subsets: list[Subset] = field(default_factory=list)
+    export_to: list[str] = field(default_factory=list)
+    workload_selector: dict[str, Any] | None = None
+
+
+# --------------------------------------------------------------------------- ServiceEntry
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceEntryPort:
+    number: int
+    name: str
+    protocol: str | None = None
+    target_port: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class WorkloadEntry:
+    address: str | None = None
+    ports: dict[str, int] = field(default_factory=dict)
+    labels: dict[str, str] = field(default_factory=dict)
+    network: str | None = None
+    locality: str | None = None
+    weight: int | None = None
+    service_account: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceEntrySpec:
+    hosts: list[str]
+    addresses: list[str] = field(default_factory=list)
+    ports: list[ServiceEntryPort] = field(default_factory=list)
+    location: str | None = None  # MESH_EXTERNAL | MESH_INTERNAL
+    resolution: str | None = None  # NONE | STATIC | DNS | DNS_ROUND_ROBIN
+    endpoints: list[WorkloadEntry] = field(default_factory=list)
+    workload_selector: dict[str, Any] | None = None
+    export_to: list[str] = field(default_factory=list)
+    subject_alt_names: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- resources
+
+
+@dataclass(frozen=True, slots=True)
+class Resource:
+    """One document of a config file.
+
+    ``source`` is ``file:line`` of the document's first line; ``lines`` maps a field
+    path in YAML spelling (``spec.http[0].route[1].weight``) to its line, for every
+    node the loader saw, so later stages can point at the exact place.
+    """
+
+    api_version: str
+    kind: str
+    metadata: Metadata
+    spec: Any
+    source: str
+    file: str
+    lines: dict[str, int] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def key(self) -> str:
+        """``Kind namespace/name``, as error messages spell it."""
+        return f"{self.kind} {self.metadata.namespace}/{self.metadata.name}"
+
+    def where(self, path: str) -> str:
+        """``file:line`` of a field path, the nearest known ancestor's line if needed."""
+        probe = path
+        while probe:
+            line = self.lines.get(probe)
+            if line is not None:
+                return f"{self.file}:{line}"
+            cut = max(probe.rfind("."), probe.rfind("["))
+            probe = probe[:cut] if cut > 0 else ""
+        return self.source
+
+
+# Kind -> accepted apiVersions and the spec class that parses it.
+API_VERSIONS: dict[str, tuple[tuple[str, ...], type]] = {
+    "Gateway": (
+        ("networking.istio.io/v1", "networking.istio.io/v1beta1", "networking.istio.io/v1alpha3"),
+        GatewaySpec,
+    ),
+    "VirtualService": (
+        ("networking.istio.io/v1", "networking.istio.io/v1beta1", "networking.istio.io/v1alpha3"),
+        VirtualServiceSpec,
+    ),
+    "DestinationRule": (
+        ("networking.istio.io/v1", "networking.istio.io/v1beta1", "networking.istio.io/v1alpha3"),
+        DestinationRuleSpec,
+    ),
+    "ServiceEntry": (
+        ("networking.istio.io/v1", "networking.istio.io/v1beta1", "networking.istio.io/v1alpha3"),
+        ServiceEntrySpec,
+    ),
+}

@@ -1,0 +1,262 @@
+"""The compiled Snapshot: what the data plane reads on every request.
+
+Built once per configuration by ``compile.py``; never mutated after that. A request
+takes one reference to the Snapshot when it starts and keeps it to the end, so a
+reload (a new Snapshot beside the old one, one reference swapped) never shows a
+request half of one config and half of another.
+
+Shape:
+
+    Snapshot
+      listeners: port -> Listener
+        Listener.virtual_hosts: exact host -> VirtualHost
+        Listener.wildcard_hosts: "*.suffix" -> VirtualHost   (looked up label by label)
+        Listener.catch_all: the VirtualHost of "*", if any
+          VirtualHost.routes: ordered Routes, first match wins (Istio's order)
+            Route.matches: OR of RouteMatch; each RouteMatch ANDs its conditions
+            Route.action: Forward | Redirect | DirectResponse
+      clusters: name -> Cluster (endpoints + traffic policy)
+
+Everything a request needs is precomputed here: regexes compiled, header names
+lower-cased, weights summed. This module does no I/O and imports nothing that does.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "Cluster",
+    "CorsPolicy",
+    "DirectResponse",
+    "Endpoint",
+    "Forward",
+    "HeaderMatch",
+    "HeaderOps",
+    "Listener",
+    "Origin",
+    "QueryMatch",
+    "Redirect",
+    "Rewrite",
+    "Route",
+    "RouteMatch",
+    "Snapshot",
+    "StringMatcher",
+    "VirtualHost",
+    "WeightedCluster",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """Where a compiled object came from, for logs, metrics and error messages."""
+
+    kind: str
+    namespace: str
+    name: str
+    source: str = ""  # "file.yaml:12" when known
+    index: int | None = None  # http[] index for routes
+
+    @property
+    def ref(self) -> str:
+        """``kind/namespace/name``, the form every log line and metric label uses."""
+        return f"{self.kind}/{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True, slots=True)
+class StringMatcher:
+    """An Istio StringMatch, ready to run.
+
+    ``kind`` is "exact", "prefix" or "regex". Regex is a full match (RE2 semantics
+    as Envoy uses them; Python's ``re`` covers the RE2 syntax Istio users write).
+    ``prefix`` is a plain string prefix: "/pre" matches "/prefix".
+    With ``ignore_case`` the value is stored lower-cased and the input is
+    lower-cased before comparing.
+    """
+
+    kind: str
+    value: str
+    ignore_case: bool = False
+    pattern: re.Pattern[str] | None = field(default=None, compare=False)
+
+    def matches(self, text: str) -> bool:
+        if self.ignore_case:
+            text = text.lower()
+        kind = self.kind
+        if kind == "exact":
+            return text == self.value
+        if kind == "prefix":
+            return text.startswith(self.value)
+        assert self.pattern is not None  # compile.py always sets it for regex
+        return self.pattern.fullmatch(text) is not None
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderMatch:
+    """``name`` is lower-case. ``matcher`` None means "header present"."""
+
+    name: str
+    matcher: StringMatcher | None
+
+
+@dataclass(frozen=True, slots=True)
+class QueryMatch:
+    name: str
+    matcher: StringMatcher | None
+
+
+@dataclass(frozen=True, slots=True)
+class RouteMatch:
+    """One entry of ``http[].match``: every condition set here must hold."""
+
+    name: str = ""
+    uri: StringMatcher | None = None
+    scheme: StringMatcher | None = None
+    method: StringMatcher | None = None
+    authority: StringMatcher | None = None
+    headers: tuple[HeaderMatch, ...] = ()
+    without_headers: tuple[HeaderMatch, ...] = ()
+    query_params: tuple[QueryMatch, ...] = ()
+    port: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderOps:
+    """Header edits. Names lower-case; values as configured."""
+
+    set: tuple[tuple[str, str], ...] = ()
+    add: tuple[tuple[str, str], ...] = ()
+    remove: tuple[str, ...] = ()
+
+    @property
+    def empty(self) -> bool:
+        return not (self.set or self.add or self.remove)
+
+
+NO_HEADER_OPS = HeaderOps()
+
+
+@dataclass(frozen=True, slots=True)
+class WeightedCluster:
+    cluster: str  # key into Snapshot.clusters
+    weight: int
+    request_headers: HeaderOps = NO_HEADER_OPS
+    response_headers: HeaderOps = NO_HEADER_OPS
+
+
+@dataclass(frozen=True, slots=True)
+class Forward:
+    """Send upstream. ``cumulative`` holds running weight totals for a bisect pick."""
+
+    destinations: tuple[WeightedCluster, ...]
+    total_weight: int
+    cumulative: tuple[int, ...]
+    timeout_s: float | None = None  # None: no route timeout (Istio's default)
+
+
+@dataclass(frozen=True, slots=True)
+class Redirect:
+    """Istio HTTPRedirect. None fields keep the request's value."""
+
+    code: int = 301
+    uri: str | None = None
+    authority: str | None = None
+    scheme: str | None = None
+    port: int | None = None
+    derive_port: str | None = None  # FROM_PROTOCOL_DEFAULT | FROM_REQUEST_PORT
+
+
+@dataclass(frozen=True, slots=True)
+class DirectResponse:
+    status: int
+    body: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class Rewrite:
+    """``uri`` replaces the matched prefix (or the whole path on exact/regex matches,
+    as Envoy's prefix_rewrite does); ``uri_regex`` is (pattern, substitution)."""
+
+    uri: str | None = None
+    authority: str | None = None
+    uri_regex: tuple[re.Pattern[str], str] | None = field(default=None, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class CorsPolicy:
+    allow_origins: tuple[StringMatcher, ...] = ()
+    allow_methods: str = ""  # pre-joined header values
+    allow_headers: str = ""
+    expose_headers: str = ""
+    max_age: str = ""  # seconds, as a header value
+    allow_credentials: bool = False
+    forward_unmatched_preflights: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """One ``http[]`` entry of a VirtualService, compiled."""
+
+    name: str
+    origin: Origin
+    matches: tuple[RouteMatch, ...]  # empty: matches every request
+    action: Forward | Redirect | DirectResponse
+    rewrite: Rewrite | None = None
+    request_headers: HeaderOps = NO_HEADER_OPS
+    response_headers: HeaderOps = NO_HEADER_OPS
+    cors: CorsPolicy | None = None
+    # Fields parsed but not enforced in this version (retries, fault, mirror, ...),
+    # kept so the admin dump and later stages can see them.
+    extra: Mapping[str, Any] = field(default_factory=dict, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class VirtualHost:
+    name: str  # "host:port" as Envoy names gateway virtual hosts
+    domains: tuple[str, ...]
+    routes: tuple[Route, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Listener:
+    name: str  # "0.0.0.0_8080"-style
+    port: int
+    protocol: str  # HTTP | HTTPS | HTTP2 | GRPC | TCP | TLS
+    virtual_hosts: Mapping[str, VirtualHost]  # exact, lower-case host without port
+    wildcard_hosts: Mapping[str, VirtualHost]  # keyed by suffix incl. dot: ".example.com"
+    catch_all: VirtualHost | None = None
+    origins: tuple[Origin, ...] = ()  # the Gateway servers behind this listener
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    address: str  # IP or DNS name
+    port: int
+    weight: int = 1
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Cluster:
+    """Istio's naming: ``outbound|<port>|<subset>|<host>``."""
+
+    name: str
+    host: str
+    port: int
+    subset: str = ""
+    protocol: str = "HTTP"
+    endpoints: tuple[Endpoint, ...] = ()
+    # DestinationRule traffic policy as written (subset policy merged over the
+    # top-level one, port-level over that); enforcement grows in later versions.
+    policy: Mapping[str, Any] = field(default_factory=dict, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    version: str  # content hash of the compiled table
+    listeners: Mapping[int, Listener]
+    clusters: Mapping[str, Cluster]
+    gateway_labels: Mapping[str, str] = field(default_factory=dict)

@@ -1,0 +1,91 @@
+"""The one request/stream vocabulary every protocol adapter speaks.
+
+HTTP/1.1 (httptools), HTTP/2 (h2) and later HTTP/3 (aioquic) each turn their wire
+format into a ``RequestHead`` plus a ``DownstreamStream`` object, and hand both to the
+request pipeline (``gateway.pipeline``). The pipeline never sees an httptools parser,
+an h2 event or a QUIC stream; an adapter never sees a route.
+
+Names are lower-case ``str`` and values ``str`` (latin-1 decoded, as HTTP allows any
+octet); pseudo-headers are not in ``headers``: their content is in the named fields.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+__all__ = ["DownstreamStream", "RequestHead", "ResponseHead"]
+
+
+@dataclass(slots=True)
+class RequestHead:
+    """A request as the pipeline sees it. Mutable on purpose: stages rewrite
+    path, authority and headers on their way upstream; one instance per request."""
+
+    method: str
+    path: str  # without the query string; as received (not normalised)
+    query: str  # text after "?", "" when none
+    authority: str  # Host / :authority as received, may carry ":port"
+    scheme: str  # "http" | "https"
+    headers: list[tuple[str, str]]  # lower-case names, in arrival order, no pseudo-headers
+    http_version: str = "1.1"  # "1.0" | "1.1" | "2" | "3"
+    port: int = 0  # the listener port the request arrived on
+    peer: str = ""  # client IP
+    _index: dict[str, str] | None = field(default=None, repr=False)
+
+    def header(self, name: str) -> str | None:
+        """First value of a lower-case header name (repeated values joined by ",")."""
+        index = self._index
+        if index is None:
+            index = {}
+            for key, value in self.headers:
+                if key in index:
+                    index[key] = index[key] + "," + value
+                else:
+                    index[key] = value
+            self._index = index
+        return index.get(name)
+
+    def invalidate(self) -> None:
+        """Call after editing ``headers`` so ``header()`` re-reads them."""
+        self._index = None
+
+
+@dataclass(slots=True)
+class ResponseHead:
+    status: int
+    headers: list[tuple[str, str]]
+
+
+class DownstreamStream(Protocol):
+    """One request/response exchange on a downstream connection.
+
+    The adapter creates it when a request head is complete and keeps feeding the
+    request body into it; the pipeline reads the body and writes the response.
+    Flow control is the adapter's: ``read_body`` waits for data (pausing the
+    transport or holding HTTP/2 window updates while the pipeline is slow) and
+    ``write_body`` returns only once the data may be buffered without growing
+    memory past the adapter's high-water mark.
+    """
+
+    head: RequestHead
+
+    async def read_body(self) -> bytes:
+        """Next chunk of the request body; ``b""`` once the body has ended."""
+        ...
+
+    def body_complete(self) -> bool:
+        """True when the whole request body has been read (or there was none)."""
+        ...
+
+    async def send_head(self, response: ResponseHead, end_stream: bool) -> None:
+        """Start the response. ``end_stream`` when there is no body."""
+        ...
+
+    async def send_body(self, data: bytes, end_stream: bool) -> None:
+        """Send a chunk; awaits while the client is not reading."""
+        ...
+
+    def reset(self) -> None:
+        """Abort the exchange: RST_STREAM on HTTP/2, close the connection on HTTP/1.1."""
+        ...
