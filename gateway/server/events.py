@@ -11,10 +11,11 @@ octet); pseudo-headers are not in ``headers``: their content is in the named fie
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-__all__ = ["DownstreamStream", "RequestHead", "ResponseHead"]
+__all__ = ["DownstreamStream", "RequestHandler", "RequestHead", "ResponseHead"]
 
 
 @dataclass(slots=True)
@@ -89,3 +90,7 @@ class DownstreamStream(Protocol):
     def reset(self) -> None:
         """Abort the exchange: RST_STREAM on HTTP/2, close the connection on HTTP/1.1."""
         ...
+
+
+# What an adapter calls once per request, in a task of its own: the request pipeline.
+RequestHandler = Callable[[DownstreamStream], Awaitable[None]]

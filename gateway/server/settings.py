@@ -1,0 +1,23 @@
+"""Limits and timeouts of the downstream protocol layer, with safe defaults.
+
+Defaults follow Envoy where Envoy has one (60 KiB of request headers, 100 headers);
+the others are chosen to stop abuse without getting in the way of ordinary traffic.
+Every one is a setting (``meshgate run --help``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["ServerSettings"]
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    max_request_header_bytes: int = 60 * 1024  # whole head; over it: 431
+    max_request_headers: int = 100  # header count; over it: 431
+    max_request_body_bytes: int = 1024 * 1024 * 1024  # 1 GiB; over it: 413
+    request_header_timeout_s: float = 10.0  # slow-header (slowloris) guard: 408
+    idle_timeout_s: float = 60.0  # keep-alive connection with no request
+    max_concurrent_streams: int = 100  # HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS
+    write_buffer_high_bytes: int = 256 * 1024  # pause the producer above this
