@@ -15,7 +15,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-__all__ = ["DownstreamStream", "RequestHandler", "RequestHead", "ResponseHead"]
+__all__ = [
+    "DownstreamStream",
+    "RequestHandler",
+    "RequestHead",
+    "ResponseHead",
+    "StreamReset",
+]
 
 
 @dataclass(slots=True)
@@ -56,6 +62,19 @@ class RequestHead:
 class ResponseHead:
     status: int
     headers: list[tuple[str, str]]
+
+
+class StreamReset(Exception):
+    """The exchange was abandoned: the client reset the stream (HTTP/2 RST_STREAM), the
+    connection went away, or the adapter aborted the request (e.g. body over the limit).
+
+    Raised by ``DownstreamStream.read_body``/``send_head``/``send_body`` so the pipeline
+    can stop its upstream work; other streams on the same connection are unaffected.
+    ``error_code`` is the HTTP/2 error code when there is one (0 otherwise)."""
+
+    def __init__(self, message: str = "stream reset", error_code: int = 0) -> None:
+        super().__init__(message)
+        self.error_code = error_code
 
 
 class DownstreamStream(Protocol):

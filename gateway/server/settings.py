@@ -21,3 +21,8 @@ class ServerSettings:
     idle_timeout_s: float = 60.0  # keep-alive connection with no request
     max_concurrent_streams: int = 100  # HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS
     write_buffer_high_bytes: int = 256 * 1024  # pause the producer above this
+    # HTTP/2 rapid reset guard (CVE-2023-44487): a connection whose client resets more
+    # than this many unanswered streams within the window, and more than half of the
+    # streams it opened there, is closed with GOAWAY ENHANCE_YOUR_CALM.
+    h2_max_premature_resets: int = 200
+    h2_reset_window_s: float = 10.0
