@@ -1,15 +1,40 @@
 """Request matching against a compiled Snapshot: host lookup, then first matching route.
 
-No I/O, no allocation proportional to configuration size.
+This module owns the per-request half of routing: which virtual host serves an
+authority, which route accepts a request, which weighted destination takes it, and
+how a route rewrites the path. Everything it reads was prepared by ``compile.py``
+(regexes compiled, names and case-insensitive values lower-cased), so a lookup does
+no work proportional to the configuration: host lookup is one dict probe per label
+of the request's host, and route matching only walks the routes of that one host.
+
+No I/O, no regex compilation, no lower-casing of configuration here.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from typing import Protocol
 
-from .table import Listener, Route, VirtualHost
+from .table import (
+    Forward,
+    HeaderMatch,
+    Listener,
+    QueryMatch,
+    Route,
+    RouteMatch,
+    VirtualHost,
+    WeightedCluster,
+)
 
-__all__ = ["MatchableRequest", "find_virtual_host", "match_route"]
+__all__ = [
+    "MatchableRequest",
+    "find_virtual_host",
+    "host_of_authority",
+    "match_route",
+    "parse_query",
+    "pick_destination",
+    "rewrite_path",
+]
 
 
 class MatchableRequest(Protocol):
@@ -25,11 +50,165 @@ class MatchableRequest(Protocol):
     def header(self, name: str) -> str | None: ...
 
 
+def host_of_authority(authority: str) -> str:
+    """``Example.COM:8080`` -> ``example.com``; ``[::1]:8080`` -> ``::1``."""
+    if authority.startswith("["):
+        end = authority.find("]")
+        host = authority[1:end] if end != -1 else authority[1:]
+    else:
+        colon = authority.rfind(":")
+        # More than one colon without brackets is a bare IPv6 address, not host:port.
+        host = authority[:colon] if colon != -1 and authority.find(":") == colon else authority
+    return host.lower()
+
+
 def find_virtual_host(listener: Listener, authority: str) -> VirtualHost | None:
-    """Exact host, then the longest ``*.suffix``, then ``*``; the port is ignored."""
-    raise NotImplementedError
+    """Exact host, then the longest ``*.suffix``, then ``*``; the port is ignored.
+
+    Wildcards are probed label by label from the most specific suffix
+    (``a.b.example.com`` tries ``.b.example.com``, ``.example.com``, ``.com``), so
+    the cost depends on the request's host, never on how many hosts are configured.
+    """
+    host = host_of_authority(authority)
+    vhost = listener.virtual_hosts.get(host)
+    if vhost is not None:
+        return vhost
+    wildcards = listener.wildcard_hosts
+    if wildcards:
+        # Start after the first character: "*.example.com" needs a non-empty label.
+        dot = host.find(".", 1)
+        while dot != -1:
+            vhost = wildcards.get(host[dot:])
+            if vhost is not None:
+                return vhost
+            dot = host.find(".", dot + 1)
+    return listener.catch_all
+
+
+def parse_query(query: str) -> dict[str, str]:
+    """``a=1&b&a=2`` -> ``{"a": "1", "b": ""}``: the first value of a key wins.
+
+    Values are compared as received (not percent-decoded), as Envoy's query
+    parameter matcher does.
+    """
+    params: dict[str, str] = {}
+    if not query:
+        return params
+    for part in query.split("&"):
+        if not part:
+            continue
+        key, _, value = part.partition("=")
+        if key not in params:
+            params[key] = value
+    return params
+
+
+def _headers_ok(request: MatchableRequest, headers: tuple[HeaderMatch, ...]) -> bool:
+    for h in headers:
+        value = request.header(h.name)
+        if value is None:
+            return False
+        if h.matcher is not None and not h.matcher.matches(value):
+            return False
+    return True
+
+
+def _without_headers_ok(request: MatchableRequest, headers: tuple[HeaderMatch, ...]) -> bool:
+    # Istio inverts each matcher and treats a missing header as empty, so a request
+    # without the header passes unless the matcher accepts "" (``{}`` means "absent").
+    for h in headers:
+        value = request.header(h.name)
+        if h.matcher is None:
+            if value is not None:
+                return False
+        elif h.matcher.matches("" if value is None else value):
+            return False
+    return True
+
+
+def _query_ok(params: dict[str, str], query: tuple[QueryMatch, ...]) -> bool:
+    for q in query:
+        value = params.get(q.name)
+        if value is None:
+            return False
+        if q.matcher is not None and not q.matcher.matches(value):
+            return False
+    return True
+
+
+def _accepts(m: RouteMatch, request: MatchableRequest, params: list[dict[str, str]]) -> bool:
+    if m.uri is not None and not m.uri.matches(request.path):
+        return False
+    if m.method is not None and not m.method.matches(request.method):
+        return False
+    if m.port is not None and m.port != request.port:
+        return False
+    if m.scheme is not None and not m.scheme.matches(request.scheme):
+        return False
+    # Envoy matches :authority as received, port included.
+    if m.authority is not None and not m.authority.matches(request.authority):
+        return False
+    if m.headers and not _headers_ok(request, m.headers):
+        return False
+    if m.without_headers and not _without_headers_ok(request, m.without_headers):
+        return False
+    if m.query_params:
+        if not params:
+            params.append(parse_query(request.query))
+        if not _query_ok(params[0], m.query_params):
+            return False
+    return True
 
 
 def match_route(vhost: VirtualHost, request: MatchableRequest) -> Route | None:
-    """The first route of ``vhost`` whose matches accept ``request``."""
-    raise NotImplementedError
+    """The first route of ``vhost`` whose matches accept ``request``.
+
+    A route with no match entries accepts everything; several entries are OR-ed and
+    the conditions inside one entry are AND-ed. The query string is parsed at most
+    once, and only if a route asks about it.
+    """
+    params: list[dict[str, str]] = []
+    for route in vhost.routes:
+        matches = route.matches
+        if not matches:
+            return route
+        for m in matches:
+            if _accepts(m, request, params):
+                return route
+    return None
+
+
+def pick_destination(forward: Forward, rnd: float) -> WeightedCluster:
+    """The destination a uniform ``rnd`` in [0, 1) falls on, by cumulative weight.
+
+    Zero-weight destinations are never picked. Values outside [0, 1) are clamped.
+    """
+    destinations = forward.destinations
+    if len(destinations) == 1:
+        return destinations[0]
+    index = bisect_right(forward.cumulative, rnd * forward.total_weight)
+    return destinations[min(max(index, 0), len(destinations) - 1)]
+
+
+def rewrite_path(route: Route, path: str) -> str:
+    """The upstream path after the route's URI rewrite (``path`` has no query string).
+
+    As Envoy does for what Istio generates: ``uriRegexRewrite`` substitutes every
+    match; ``rewrite.uri`` replaces the matched prefix of a prefix match (a route
+    without a URI match counts as prefix "/") and the whole path of an exact or
+    regex match.
+    """
+    rewrite = route.rewrite
+    if rewrite is None:
+        return path
+    if rewrite.uri_regex is not None:
+        pattern, substitution = rewrite.uri_regex
+        return pattern.sub(substitution, path)
+    if rewrite.uri is None:
+        return path
+    uri = route.matches[0].uri if route.matches else None
+    if uri is None:
+        return rewrite.uri + path[1:] if path.startswith("/") else rewrite.uri + path
+    if uri.kind == "prefix":
+        return rewrite.uri + path[len(uri.value) :]
+    return rewrite.uri
