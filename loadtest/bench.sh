@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# make bench: install the load tools when missing, then run loadtest/bench.py.
+# Environment: DUR (seconds per run, 10), ROUNDS (3), ONLY (nginx,meshgate); see bench.py.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+packages=()
+command -v nginx >/dev/null 2>&1 || packages+=(nginx)
+command -v wrk >/dev/null 2>&1 || packages+=(wrk)
+command -v h2load >/dev/null 2>&1 || packages+=(nghttp2-client)
+command -v taskset >/dev/null 2>&1 || packages+=(util-linux)
+
+if ((${#packages[@]})); then
+    if ! command -v apt-get >/dev/null 2>&1; then
+        echo "bench: please install ${packages[*]} (no apt-get on this machine)" >&2
+        exit 1
+    fi
+    sudo=()
+    if [ "$(id -u)" -ne 0 ]; then
+        sudo=(sudo)
+    fi
+    echo "bench: installing ${packages[*]}" >&2
+    "${sudo[@]}" apt-get update
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y "${packages[@]}"
+fi
+
+if [ ! -x .venv/bin/python ]; then
+    echo "bench: .venv is missing; run 'make setup' first (make bench does it)" >&2
+    exit 1
+fi
+exec .venv/bin/python loadtest/bench.py "$@"
