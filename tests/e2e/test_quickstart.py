@@ -24,11 +24,15 @@ from pathlib import Path
 import httpx
 import pytest
 
+from gateway.config.load import load_config
+from gateway.quickstart import Backend, find_backends, gateway_ports, parse_port_map, remap_ports
+
 ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE = ROOT / "examples" / "quickstart"
 START_TIMEOUT_S = 30.0
 SPLIT_REQUESTS = 400
 
-pytestmark = pytest.mark.skipif(
+needs_runtime = pytest.mark.skipif(
     importlib.util.find_spec("gateway.runtime") is None,
     reason="meshgate run is not implemented yet (no gateway.runtime module)",
 )
@@ -139,6 +143,30 @@ class Quickstart:
             raise AssertionError("quickstart did not stop within 20 s of SIGTERM") from None
 
 
+def test_backends_come_from_the_service_entry_endpoints() -> None:
+    assert find_backends(EXAMPLE) == [
+        Backend(name="echo-v1", address="127.0.0.1", port=9081),
+        Backend(name="echo-v2", address="127.0.0.1", port=9082),
+    ]
+    assert gateway_ports(EXAMPLE) == [8080]
+
+
+def test_port_map_parses_old_equals_new_pairs() -> None:
+    assert parse_port_map("8080=18080, 9081=19081") == {8080: 18080, 9081: 19081}
+    assert parse_port_map("") == {}
+    with pytest.raises(ValueError, match="OLD=NEW"):
+        parse_port_map("8080:18080")
+
+
+def test_remapped_config_moves_listener_and_endpoints_and_stays_valid(tmp_path: Path) -> None:
+    remap_ports(EXAMPLE, {8080: 18080, 9081: 19081, 9082: 19082}, tmp_path)
+    assert gateway_ports(tmp_path) == [18080]
+    assert [b.port for b in find_backends(tmp_path)] == [19081, 19082]
+    model = load_config([str(tmp_path)])
+    assert len(model.resources) == 4
+    assert not model.warnings
+
+
 @pytest.fixture(scope="module")
 def quickstart() -> Iterator[Quickstart]:
     started = Quickstart()
@@ -155,6 +183,7 @@ def client(quickstart: Quickstart) -> Iterator[httpx.Client]:
         yield http
 
 
+@needs_runtime
 def test_printed_commands_name_the_gateway_port(
     quickstart: Quickstart, client: httpx.Client
 ) -> None:
@@ -164,6 +193,7 @@ def test_printed_commands_name_the_gateway_port(
     assert f"curl -si {quickstart.base}/ | grep -i '^x-served-by'" in printed
 
 
+@needs_runtime
 def test_prefix_route_goes_to_v1_with_the_rewrite(client: httpx.Client) -> None:
     response = client.get("/api/items", params={"id": "3"})
     assert response.status_code == 200
@@ -173,6 +203,7 @@ def test_prefix_route_goes_to_v1_with_the_rewrite(client: httpx.Client) -> None:
     assert body["query"] == "id=3"
 
 
+@needs_runtime
 def test_header_route_sends_canaries_to_v2(client: httpx.Client) -> None:
     served_by = {
         client.get("/", headers={"x-canary": "true"}).headers["x-served-by"] for _ in range(20)
@@ -180,6 +211,7 @@ def test_header_route_sends_canaries_to_v2(client: httpx.Client) -> None:
     assert served_by == {"echo-v2"}
 
 
+@needs_runtime
 def test_weighted_split_sends_about_ten_percent_to_v2(client: httpx.Client) -> None:
     counts: collections.Counter[str] = collections.Counter()
     for _ in range(SPLIT_REQUESTS):
@@ -193,6 +225,7 @@ def test_weighted_split_sends_about_ten_percent_to_v2(client: httpx.Client) -> N
     assert 10 <= counts["echo-v2"] <= 75, counts
 
 
+@needs_runtime
 def test_sigterm_stops_the_gateway_and_the_backends(
     quickstart: Quickstart, client: httpx.Client
 ) -> None:
