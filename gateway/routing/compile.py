@@ -200,8 +200,8 @@ def _header_ops(ops: HeaderOperations | None) -> HeaderOps:
     if ops is None:
         return NO_HEADER_OPS
     result = HeaderOps(
-        set=tuple((name.lower(), value) for name, value in ops.set.items()),
-        add=tuple((name.lower(), value) for name, value in ops.add.items()),
+        set=tuple(sorted((name.lower(), value) for name, value in ops.set.items())),
+        add=tuple(sorted((name.lower(), value) for name, value in ops.add.items())),
         remove=tuple(name.lower() for name in ops.remove),
     )
     return NO_HEADER_OPS if result.empty else result
@@ -310,7 +310,18 @@ class _Compiler:
             for index, server in enumerate(_gw_spec(gw).servers):
                 by_port.setdefault(server.port.number, []).append((gw, index, server))
         listeners = {port: self._listener(port, by_port[port]) for port in sorted(by_port)}
-        clusters = {name: self.clusters[name] for name in sorted(self.clusters)}
+        # Clusters are made while compiling actions, before compile-time filters and
+        # https redirects may drop the route: keep only those a route still names.
+        used: set[str] = set()
+        for listener in listeners.values():
+            vhosts = [*listener.virtual_hosts.values(), *listener.wildcard_hosts.values()]
+            if listener.catch_all is not None:
+                vhosts.append(listener.catch_all)
+            for vhost in vhosts:
+                for route in vhost.routes:
+                    if isinstance(route.action, Forward):
+                        used.update(d.cluster for d in route.action.destinations)
+        clusters = {name: self.clusters[name] for name in sorted(used)}
         return Snapshot(
             version="",
             listeners=listeners,
@@ -474,18 +485,20 @@ class _Compiler:
                 return None
         if entry.port is not None and entry.port != port:
             return None
+        # Conditions are AND-ed, so their order is meaningless: sort them, and the
+        # Snapshot (and its version) does not depend on how the YAML map was ordered.
         headers = tuple(
             HeaderMatch(name.lower(), None if _presence_only(m) else _string_matcher(m))
-            for name, m in entry.headers.items()
+            for name, m in sorted(entry.headers.items())
             if name.lower() not in _IGNORED_HEADER_KEYS
         )
         without = tuple(
             HeaderMatch(name.lower(), None if _presence_only(m) else _string_matcher(m))
-            for name, m in entry.without_headers.items()
+            for name, m in sorted(entry.without_headers.items())
             if name.lower() not in _IGNORED_HEADER_KEYS
         )
         query = tuple(
-            QueryMatch(name, _string_matcher(m)) for name, m in entry.query_params.items()
+            QueryMatch(name, _string_matcher(m)) for name, m in sorted(entry.query_params.items())
         )
         return RouteMatch(
             name=entry.name or "",
