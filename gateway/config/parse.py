@@ -173,12 +173,16 @@ class Parser:
         Non-string keys and repeated keys are reported; a repeated key keeps its first
         value so the report and the result agree about which one was used.
         """
-        self.loader.flatten_mapping(node)
+        # Repeats are looked for among the keys written here; keys merged in with
+        # "<<: *anchor" are defaults that a written key overrides, as YAML intends.
         seen: dict[str, int] = {}
-        out: list[tuple[str, yaml.Node, yaml.Node]] = []
-        for key_node, value_node in node.value:
+        skip: set[int] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
             if not isinstance(key_node, yaml.ScalarNode) or key_node.tag not in (_STR, _INT):
                 self.problem(path, key_node, f"keys must be strings, got {_describe(key_node)}")
+                skip.add(id(key_node))
                 continue
             key = key_node.value
             line = key_node.start_mark.line + 1
@@ -190,10 +194,17 @@ class Parser:
                         f'duplicate key "{key}" (first set on line {seen[key]})',
                     )
                 )
+                skip.add(id(key_node))
                 continue
             seen[key] = line
-            out.append((key, key_node, value_node))
-        return out
+        self.loader.flatten_mapping(node)  # merged pairs come first, written ones after
+        out: dict[str, tuple[yaml.Node, yaml.Node]] = {}
+        for key_node, value_node in node.value:
+            if id(key_node) in skip or not isinstance(key_node, yaml.ScalarNode):
+                continue
+            out.pop(key_node.value, None)  # a later pair wins and takes its place
+            out[key_node.value] = (key_node, value_node)
+        return [(key, k, v) for key, (k, v) in out.items()]
 
     @staticmethod
     def is_null(node: yaml.Node) -> bool:

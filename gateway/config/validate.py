@@ -273,7 +273,7 @@ def _check_gateway(r: _Report, spec: GatewaySpec) -> None:
             r.host(f"{p}.hosts[{j}]", host)
         if server.tls is None:
             if protocol in ("HTTPS", "TLS"):
-                r.error(p, f"a {protocol} server needs tls settings")
+                r.error(p, f"{protocol} servers need tls settings")
         else:
             _check_server_tls(r, f"{p}.tls", server.tls, protocol)
             r.warn(f"{p}.tls", NOT_ENFORCED)
