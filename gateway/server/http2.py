@@ -1,0 +1,908 @@
+"""The HTTP/2 downstream adapter: h2 (sans-IO) on a raw asyncio transport.
+
+Owns one client connection speaking HTTP/2, whichever way it got there: an h2-only
+listener (this class is the protocol factory; the same class serves TLS with ALPN
+``h2``), prior knowledge detected by the HTTP/1.1 adapter
+(``take_over_prior_knowledge``), or an ``Upgrade: h2c`` request
+(``take_over_upgrade``). Each stream becomes a ``RequestHead`` plus a
+``DownstreamStream`` handed to the request pipeline in a task of its own; the
+pipeline never sees an h2 object.
+
+What this module does:
+
+- flow control both ways: request DATA is acknowledged to the client only as the
+  pipeline reads it (so a slow upstream slows the client down and memory stays
+  bounded by the windows below), and response bodies wait for the client's window
+  and for the transport's write buffer to drain;
+- the limits of ``ServerSettings``: concurrent streams (advertised, and refused per
+  stream beyond), header list size and count (431), body size (413), idle time;
+- protection against rapid reset (CVE-2023-44487): a client that resets too many
+  unanswered streams is sent GOAWAY ENHANCE_YOUR_CALM;
+- graceful shutdown (``close(graceful=True)``): GOAWAY, then open streams finish.
+
+What it leaves to others: routing, header rewriting and error pages (the pipeline),
+the listening socket and TLS (the listeners), detecting the preface or an upgrade
+request on a plaintext port (the HTTP/1.1 adapter).
+
+h2 configuration, chosen for the hot path:
+
+- ``header_encoding=None``: header blocks stay ``bytes``; we decode them once, as
+  latin-1, while building the ``RequestHead``.
+- ``validate_inbound_headers=True``: kept on although it is the costliest part of
+  h2's header handling. At the edge it is what rejects upper-case names, control
+  characters, connection-specific fields and bad pseudo-headers before they can be
+  forwarded into an HTTP/1.1 upstream (request smuggling).
+- ``normalize_inbound_headers=False``: its only job is joining cookie crumbs, which
+  we do in the same pass that builds the head.
+- ``validate_outbound_headers=False``, ``normalize_outbound_headers=False``: the
+  response headers come from our pipeline; ``_response_headers`` lower-cases them and
+  drops connection-specific fields itself, in one pass instead of h2's chain of
+  generators.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import binascii
+import contextlib
+import logging
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
+import h2.settings
+from h2.errors import ErrorCodes
+from hpack import Decoder
+from hyperframe.exceptions import HyperframeError
+from hyperframe.frame import GoAwayFrame
+
+from .events import RequestHandler, RequestHead, ResponseHead, StreamReset
+from .settings import ServerSettings
+
+__all__ = ["H2Protocol", "H2Stream", "take_over_prior_knowledge", "take_over_upgrade"]
+
+logger = logging.getLogger(__name__)
+
+# Receive windows. A stream may have at most this much request body buffered and
+# unacknowledged; the connection window caps the sum over all its streams, so the
+# memory one client can make us hold is bounded by the connection window.
+STREAM_WINDOW_BYTES = 256 * 1024
+CONNECTION_WINDOW_BYTES = 1024 * 1024
+_PROTOCOL_DEFAULT_WINDOW = 65_535
+
+# Fields that describe one hop of an HTTP/1.1 connection; RFC 9113 §8.2.2 forbids
+# them in HTTP/2, so they are dropped if the pipeline passes them along.
+_CONNECTION_FIELDS = frozenset(
+    {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade"}
+)
+# What an h2c upgrade request carries for the upgrade itself (RFC 7540 §3.2).
+_UPGRADE_FIELDS = _CONNECTION_FIELDS | {"http2-settings", "te"}
+
+
+class _AdvertisedSettings(h2.settings.Settings):
+    """Local settings that advertise our limits while h2 enforces a looser ceiling.
+
+    h2 answers a client going over MAX_CONCURRENT_STREAMS with a connection error;
+    RFC 9113 §5.1.2 allows (and clients expect) refusing just the extra stream with
+    REFUSED_STREAM, which we do ourselves. h2 keeps a ceiling above ours as a
+    backstop."""
+
+    def __init__(self, ceiling_streams: int, **kwargs: Any) -> None:
+        self._ceiling_streams = ceiling_streams
+        super().__init__(**kwargs)
+
+    @property
+    def max_concurrent_streams(self) -> int:
+        return self._ceiling_streams
+
+    @max_concurrent_streams.setter
+    def max_concurrent_streams(self, value: int) -> None:
+        self[h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS] = value
+
+
+class _CeilingDecoder(Decoder):
+    """An HPACK decoder whose list-size limit stays at a fixed ceiling.
+
+    h2 sets the decoder's limit to the advertised MAX_HEADER_LIST_SIZE once the client
+    acknowledges it, and going over it then kills the connection. We would rather
+    answer 431 on the one stream (the decoder state is intact after a complete block),
+    so the decoder only stops blocks far beyond the advertised size: those are HPACK
+    bombs and do get GOAWAY ENHANCE_YOUR_CALM."""
+
+    def __init__(self, ceiling_bytes: int) -> None:
+        self._ceiling_bytes = ceiling_bytes
+        super().__init__(ceiling_bytes)
+
+    @property  # type: ignore[override]
+    def max_header_list_size(self) -> int:
+        return self._ceiling_bytes
+
+    @max_header_list_size.setter
+    def max_header_list_size(self, value: int) -> None:
+        pass  # the advertised value is enforced per stream, in H2Protocol._on_request
+
+
+def _wake(waiter: asyncio.Future[None] | None) -> None:
+    if waiter is not None and not waiter.done():
+        waiter.set_result(None)
+
+
+def _response_headers(response: ResponseHead) -> list[tuple[bytes, bytes]]:
+    """``:status`` plus the pipeline's headers, lower-cased, connection fields dropped."""
+    out = [(b":status", str(response.status).encode("ascii"))]
+    nominated: frozenset[str] = frozenset()
+    for name, value in response.headers:
+        lowered = name.lower()
+        if lowered == "connection":
+            # Fields the upstream named in Connection are hop-by-hop too.
+            nominated = nominated | {t.strip().lower() for t in value.split(",")}
+    for name, value in response.headers:
+        lowered = name.lower()
+        if lowered in _CONNECTION_FIELDS or lowered in nominated or lowered[:1] == ":":
+            continue
+        out.append((lowered.encode("latin-1"), value.encode("latin-1")))
+    return out
+
+
+class H2Stream:
+    """One HTTP/2 stream as a ``DownstreamStream`` (see ``gateway.server.events``).
+
+    Request DATA sits in a small per-stream deque until ``read_body`` takes it; only
+    then is it acknowledged, which is what lets the client send more. ``send_body``
+    cuts the response into frames that fit the peer's window and max frame size."""
+
+    __slots__ = (
+        "_chunks",
+        "_local_ended",
+        "_proto",
+        "_read_waiter",
+        "_received_bytes",
+        "_remote_ended",
+        "_reset_code",
+        "_response_started",
+        "_send_waiter",
+        "_task",
+        "_unacked_bytes",
+        "head",
+        "stream_id",
+        "trailers",
+    )
+
+    def __init__(self, proto: H2Protocol, stream_id: int, head: RequestHead) -> None:
+        self.head = head
+        self.stream_id = stream_id
+        self.trailers: list[tuple[str, str]] | None = None  # request trailers, if any
+        self._proto = proto
+        self._chunks: deque[tuple[bytes, int]] = deque()  # (data, flow-controlled length)
+        self._unacked_bytes = 0  # flow-controlled bytes held in _chunks
+        self._received_bytes = 0
+        self._remote_ended = False
+        self._local_ended = False
+        self._response_started = False  # a final (non-1xx) head went out
+        self._reset_code: int | None = None
+        self._read_waiter: asyncio.Future[None] | None = None
+        self._send_waiter: asyncio.Future[None] | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    # -- the DownstreamStream interface ---------------------------------------------
+
+    async def read_body(self) -> bytes:
+        """Next chunk of the request body; ``b""`` once it has ended.
+
+        Raises ``StreamReset`` if the stream was reset or the connection went away."""
+        while True:
+            if self._reset_code is not None:
+                raise StreamReset(f"stream {self.stream_id} was reset", self._reset_code)
+            if self._chunks:
+                data, flow_bytes = self._chunks.popleft()
+                self._unacked_bytes -= flow_bytes
+                self._proto._acknowledge(self.stream_id, flow_bytes)
+                return data
+            if self._remote_ended:
+                return b""
+            waiter = self._proto._loop.create_future()
+            self._read_waiter = waiter
+            try:
+                await waiter
+            finally:
+                self._read_waiter = None
+
+    def body_complete(self) -> bool:
+        return self._remote_ended and not self._chunks
+
+    async def send_head(self, response: ResponseHead, end_stream: bool) -> None:
+        """Send response headers (a 1xx may come before the final head)."""
+        self._check_open()
+        proto = self._proto
+        if proto._write_paused:
+            await proto._wait_writable()
+            self._check_open()
+        try:
+            proto._conn.send_headers(
+                self.stream_id, _response_headers(response), end_stream=end_stream
+            )
+        except h2.exceptions.StreamClosedError as exc:
+            raise StreamReset(f"stream {self.stream_id} is closed", self._code()) from exc
+        if response.status >= 200:
+            self._response_started = True
+        if end_stream:
+            self._local_ended = True
+        proto._schedule_flush()
+
+    async def send_body(self, data: bytes, end_stream: bool) -> None:
+        """Send ``data`` in frames the client's window allows; awaits window updates
+        and a drained transport buffer, so memory stays bounded while it is slow."""
+        self._check_open()
+        proto = self._proto
+        conn = proto._conn
+        stream_id = self.stream_id
+        total = len(data)
+        try:
+            if total == 0:
+                if end_stream:
+                    conn.end_stream(stream_id)
+                    self._local_ended = True
+                    proto._schedule_flush()
+                return
+            view = memoryview(data)
+            offset = 0
+            while offset < total:
+                if self._reset_code is not None:
+                    raise StreamReset(f"stream {stream_id} was reset", self._reset_code)
+                if proto._write_paused:
+                    await proto._wait_writable()
+                    continue
+                window = conn.local_flow_control_window(stream_id)
+                if window <= 0:
+                    await self._wait_window()
+                    continue
+                size = min(total - offset, window, conn.max_outbound_frame_size)
+                end = offset + size
+                conn.send_data(stream_id, view[offset:end], end_stream=end_stream and end == total)
+                offset = end
+                proto._queued(size)
+        except h2.exceptions.StreamClosedError as exc:
+            raise StreamReset(f"stream {stream_id} is closed", self._code()) from exc
+        if end_stream:
+            self._local_ended = True
+
+    async def send_trailers(self, headers: list[tuple[str, str]]) -> None:
+        """End the response with trailers (gRPC status travels this way)."""
+        self._check_open()
+        fields = [(n.lower().encode("latin-1"), v.encode("latin-1")) for n, v in headers]
+        try:
+            self._proto._conn.send_headers(self.stream_id, fields, end_stream=True)
+        except h2.exceptions.StreamClosedError as exc:
+            raise StreamReset(f"stream {self.stream_id} is closed", self._code()) from exc
+        self._local_ended = True
+        self._proto._schedule_flush()
+
+    def reset(self, error_code: int = ErrorCodes.INTERNAL_ERROR) -> None:
+        """Abort the exchange with RST_STREAM; other streams carry on."""
+        if self._reset_code is not None:
+            return
+        self._proto._reset_stream(self, error_code)
+
+    # -- called by H2Protocol ---------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._reset_code is not None:
+            raise StreamReset(f"stream {self.stream_id} was reset", self._reset_code)
+
+    def _code(self) -> int:
+        return self._reset_code if self._reset_code is not None else ErrorCodes.STREAM_CLOSED
+
+    def _abort(self, error_code: int) -> None:
+        """Mark the stream dead and wake whoever waits on it (they raise StreamReset)."""
+        if self._reset_code is None:
+            self._reset_code = error_code
+        _wake(self._read_waiter)
+        _wake(self._send_waiter)
+
+    async def _wait_window(self) -> None:
+        proto = self._proto
+        waiter = proto._loop.create_future()
+        self._send_waiter = waiter
+        proto._window_blocked.add(self)
+        try:
+            await waiter
+        finally:
+            self._send_waiter = None
+            proto._window_blocked.discard(self)
+
+
+class H2Protocol(asyncio.Protocol):
+    """One downstream HTTP/2 connection.
+
+    Usable directly as the protocol factory of an h2-only listener (plaintext prior
+    knowledge or TLS with ALPN ``h2``), or handed a connection by the HTTP/1.1 adapter
+    through ``take_over_prior_knowledge`` / ``take_over_upgrade``."""
+
+    def __init__(
+        self,
+        handler: RequestHandler,
+        settings: ServerSettings,
+        port: int,
+        scheme: str,
+        peer: str,
+    ) -> None:
+        self._handler = handler
+        self._settings = settings
+        self._port = port
+        self._scheme = scheme
+        self._peer = peer
+        self._loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
+        self._transport: asyncio.Transport | None = None
+        self._streams: dict[int, H2Stream] = {}
+        self._window_blocked: set[H2Stream] = set()
+        self._drain_waiters: list[asyncio.Future[None]] = []
+        self._write_paused = False
+        self._flush_scheduled = False
+        self._queued_bytes = 0
+        self._closed = False  # the transport is closed or closing
+        self._going_away = False  # GOAWAY sent or received: no new streams
+        self._last_stream_id = 0
+        self._idle_handle: asyncio.TimerHandle | None = None
+        self._closed_future: asyncio.Future[None] | None = None
+        # Rapid-reset accounting, over a window that restarts once it has elapsed.
+        self._reset_window_start = 0.0
+        self._window_resets = 0
+        self._window_streams = 0
+        self.client_resets = 0  # premature client resets over the connection's life
+
+        max_streams = settings.max_concurrent_streams
+        header_bytes = settings.max_request_header_bytes
+        config = h2.config.H2Configuration(
+            client_side=False,
+            header_encoding=None,
+            validate_inbound_headers=True,
+            normalize_inbound_headers=False,
+            validate_outbound_headers=False,
+            normalize_outbound_headers=False,
+        )
+        conn = h2.connection.H2Connection(config)
+        codes = h2.settings.SettingCodes
+        conn.local_settings = _AdvertisedSettings(
+            ceiling_streams=max_streams * 2 + 16,
+            client=False,
+            initial_values={
+                codes.MAX_CONCURRENT_STREAMS: max_streams,
+                codes.MAX_HEADER_LIST_SIZE: header_bytes,
+                codes.INITIAL_WINDOW_SIZE: STREAM_WINDOW_BYTES,
+                codes.ENABLE_PUSH: 0,
+            },
+        )
+        conn.decoder = _CeilingDecoder(max(header_bytes * 4, 64 * 1024))
+        self._conn = conn
+        self._on: dict[type, Callable[[Any], None]] = {
+            h2.events.RequestReceived: self._on_request,
+            h2.events.DataReceived: self._on_data,
+            h2.events.StreamEnded: self._on_stream_ended,
+            h2.events.StreamReset: self._on_stream_reset,
+            h2.events.WindowUpdated: self._on_window_updated,
+            h2.events.RemoteSettingsChanged: self._on_window_updated,
+            h2.events.TrailersReceived: self._on_trailers,
+            h2.events.ConnectionTerminated: self._on_goaway,
+        }
+
+    # -- asyncio.Protocol -------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._attach(transport)
+        self._conn.initiate_connection()
+        self._open_connection_window()
+        self._flush()
+
+    def data_received(self, data: bytes) -> None:
+        if self._closed:
+            return
+        try:
+            events = self._conn.receive_data(data)
+        except h2.exceptions.ProtocolError as exc:
+            # h2 has queued GOAWAY with the matching error code (PROTOCOL_ERROR,
+            # FLOW_CONTROL_ERROR, ENHANCE_YOUR_CALM for HPACK bombs, ...).
+            logger.debug("HTTP/2 protocol error from %s: %s", self._peer, exc)
+            self._abort_connection(ErrorCodes.PROTOCOL_ERROR, goaway_queued=True)
+            return
+        on = self._on
+        for event in events:
+            handle = on.get(type(event))
+            if handle is not None:
+                handle(event)
+                if self._closed:
+                    return
+        self._flush()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        self._transport_gone()
+
+    def pause_writing(self) -> None:
+        # Stop reading too: control frames (PING, SETTINGS) make h2 queue replies, and a
+        # client that never reads would otherwise grow our write buffer without bound.
+        self._write_paused = True
+        if self._transport is not None:
+            self._transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self._transport is not None and not self._closed:
+            self._transport.resume_reading()
+        waiters, self._drain_waiters = self._drain_waiters, []
+        for waiter in waiters:
+            _wake(waiter)
+
+    # -- public control -----------------------------------------------------------------
+
+    def close(self, graceful: bool = True) -> None:
+        """Send GOAWAY. Graceful: streams already received finish, then the connection
+        closes; later streams are refused. Otherwise: close now, resetting every stream.
+
+        The GOAWAY is written by hand: h2 stops sending anything once it has sent one,
+        which would strand the responses RFC 9113 §6.8 lets us finish."""
+        if self._closed or self._transport is None:
+            return
+        if not graceful:
+            self._abort_connection(ErrorCodes.NO_ERROR)
+            return
+        if not self._going_away:
+            self._going_away = True
+            self._last_stream_id = self._conn.highest_inbound_stream_id
+            self._flush()  # frames already queued by h2 go before the GOAWAY
+            frame = GoAwayFrame(0)
+            frame.last_stream_id = self._last_stream_id
+            frame.error_code = ErrorCodes.NO_ERROR
+            self._transport.write(frame.serialize())
+        if not self._streams:
+            self._close_transport()
+
+    async def wait_closed(self) -> None:
+        """Return once the connection is closed."""
+        if self._closed_future is not None:
+            await asyncio.shield(self._closed_future)
+
+    @property
+    def active_streams(self) -> int:
+        """Streams whose pipeline task is still running."""
+        return len(self._streams)
+
+    # -- connection set-up ------------------------------------------------------------
+
+    def _attach(self, transport: asyncio.BaseTransport) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._transport = transport  # type: ignore[assignment]
+        self._closed_future = self._loop.create_future()
+        if not self._peer:
+            peername = transport.get_extra_info("peername")
+            if peername:
+                self._peer = str(peername[0])
+        high = self._settings.write_buffer_high_bytes
+        set_limits = getattr(transport, "set_write_buffer_limits", None)
+        if set_limits is not None:
+            set_limits(high=high, low=high // 4)
+        self._arm_idle_timer()
+
+    def _open_connection_window(self) -> None:
+        # The connection window starts at 64 KiB whatever SETTINGS say; widen it so
+        # several streams can upload at once.
+        self._conn.increment_flow_control_window(CONNECTION_WINDOW_BYTES - _PROTOCOL_DEFAULT_WINDOW)
+
+    def _start_upgrade(self, transport: asyncio.BaseTransport, head: RequestHead, b64: str) -> None:
+        self._attach(transport)
+        # HTTP2-Settings is base64url without padding (RFC 7540 §3.2.1); Python's
+        # decoder wants the padding back.
+        padded = (b64.strip() + "=" * (-len(b64.strip()) % 4)).encode("ascii", "replace")
+        try:
+            self._conn.initiate_upgrade_connection(padded)
+        except (binascii.Error, ValueError, h2.exceptions.H2Error, HyperframeError) as exc:
+            logger.debug("bad HTTP2-Settings from %s: %s", self._peer, exc)
+            self._flush()
+            frame = GoAwayFrame(0)
+            frame.error_code = ErrorCodes.PROTOCOL_ERROR
+            self._transport.write(frame.serialize())  # type: ignore[union-attr]
+            self._close_transport()
+            return
+        self._open_connection_window()
+        # The upgrade request was HTTP/1.1: drop what only served that hop and the
+        # upgrade itself, so the pipeline sees the request the client meant.
+        nominated = {
+            t.strip().lower() for t in (head.header("connection") or "").split(",") if t.strip()
+        }
+        head.headers = [
+            (n, v) for n, v in head.headers if n not in _UPGRADE_FIELDS and n not in nominated
+        ]
+        head.invalidate()
+        stream = H2Stream(self, 1, head)
+        stream._remote_ended = True  # RFC 7540 §3.2: stream 1 is half-closed (remote)
+        self._roll_reset_window()
+        self._window_streams += 1
+        self._dispatch(stream)
+        self._flush()
+
+    # -- h2 events --------------------------------------------------------------------
+
+    def _on_request(self, event: h2.events.RequestReceived) -> None:
+        stream_id = event.stream_id
+        conn = self._conn
+        settings = self._settings
+        if self._going_away or len(self._streams) >= settings.max_concurrent_streams:
+            conn.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
+            return
+        self._roll_reset_window()
+        self._window_streams += 1
+
+        method = path = authority = scheme = None
+        content_length: bytes | None = None
+        fields: list[tuple[str, str]] = []
+        cookies: list[bytes] | None = None
+        cookie_at = 0
+        list_bytes = 0
+        for name, value in event.headers:
+            # RFC 9113 §6.5.2: each field counts its name, value and 32 octets.
+            list_bytes += len(name) + len(value) + 32
+            if name[0] == 0x3A:  # ":" — h2 has already checked which ones may appear
+                if name == b":method":
+                    method = value
+                elif name == b":path":
+                    path = value
+                elif name == b":authority":
+                    authority = value
+                elif name == b":scheme":
+                    scheme = value
+            elif name == b"cookie":
+                # RFC 9113 §8.2.3: crumbs are joined with "; " before going further.
+                if cookies is None:
+                    cookies = []
+                    cookie_at = len(fields)
+                cookies.append(value)
+            else:
+                if name == b"content-length":
+                    content_length = value
+                fields.append((name.decode("latin-1"), value.decode("latin-1")))
+        if cookies is not None:
+            fields.insert(cookie_at, ("cookie", b"; ".join(cookies).decode("latin-1")))
+
+        if (
+            list_bytes > settings.max_request_header_bytes
+            or len(fields) > settings.max_request_headers
+        ):
+            self._respond_locally(stream_id, 431, b"request header fields too large\n")
+            return
+        if (
+            content_length is not None
+            and content_length.isdigit()
+            and int(content_length) > settings.max_request_body_bytes
+        ):
+            self._respond_locally(stream_id, 413, b"request body too large\n")
+            return
+
+        raw_path = path.decode("latin-1") if path is not None else ""
+        path_only, _, query = raw_path.partition("?")
+        if authority is not None:
+            authority_text = authority.decode("latin-1")
+        else:
+            authority_text = next((v for n, v in fields if n == "host"), "")
+        head = RequestHead(
+            method=method.decode("latin-1") if method is not None else "",
+            path=path_only,
+            query=query,
+            authority=authority_text,
+            scheme=scheme.decode("latin-1") if scheme is not None else self._scheme,
+            headers=fields,
+            http_version="2",
+            port=self._port,
+            peer=self._peer,
+        )
+        stream = H2Stream(self, stream_id, head)
+        if event.stream_ended:
+            stream._remote_ended = True
+        self._dispatch(stream)
+
+    def _on_data(self, event: h2.events.DataReceived) -> None:
+        flow_bytes = event.flow_controlled_length
+        stream = self._streams.get(event.stream_id)
+        if stream is None or stream._reset_code is not None:
+            # Nobody will read it (refused, answered or aborted stream): hand the
+            # connection window back at once.
+            if flow_bytes:
+                self._conn.acknowledge_received_data(flow_bytes, event.stream_id)
+            return
+        data = event.data
+        stream._received_bytes += len(data)
+        if stream._received_bytes > self._settings.max_request_body_bytes:
+            self._conn.acknowledge_received_data(flow_bytes, event.stream_id)
+            self._reject_body(stream)
+            return
+        if not data:
+            # Padding only, or an empty frame carrying END_STREAM: nothing to read.
+            if flow_bytes:
+                self._conn.acknowledge_received_data(flow_bytes, event.stream_id)
+        else:
+            stream._chunks.append((data, flow_bytes))
+            stream._unacked_bytes += flow_bytes
+        _wake(stream._read_waiter)
+
+    def _on_stream_ended(self, event: h2.events.StreamEnded) -> None:
+        stream = self._streams.get(event.stream_id)
+        if stream is not None:
+            stream._remote_ended = True
+            _wake(stream._read_waiter)
+
+    def _on_trailers(self, event: h2.events.TrailersReceived) -> None:
+        stream = self._streams.get(event.stream_id)
+        if stream is not None:
+            stream.trailers = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in event.headers]
+
+    def _on_stream_reset(self, event: h2.events.StreamReset) -> None:
+        stream = self._streams.get(event.stream_id)
+        if stream is None:
+            return
+        premature = not stream._local_ended
+        stream._abort(event.error_code)
+        self._release_window(stream)
+        if event.remote_reset and premature:
+            self._count_client_reset()
+
+    def _on_window_updated(self, event: object) -> None:
+        stream_id = getattr(event, "stream_id", 0)
+        if stream_id:
+            stream = self._streams.get(stream_id)
+            if stream is not None:
+                _wake(stream._send_waiter)
+            return
+        # The connection window (or the initial window, via SETTINGS) moved: every
+        # stream waiting for room may go on.
+        for stream in tuple(self._window_blocked):
+            _wake(stream._send_waiter)
+
+    def _on_goaway(self, event: h2.events.ConnectionTerminated) -> None:
+        self._going_away = True
+        if event.error_code != ErrorCodes.NO_ERROR or not self._streams:
+            self._abort_connection(ErrorCodes.NO_ERROR, goaway_queued=True)
+            return
+        # A graceful GOAWAY from the client still lets us answer the streams it sent
+        # (RFC 9113 §6.8), but h2 moves to CLOSED on any GOAWAY and would refuse to
+        # send those answers; put its state machine back to open.
+        self._conn.state_machine.state = h2.connection.ConnectionState.SERVER_OPEN
+
+    # -- streams ----------------------------------------------------------------------
+
+    def _dispatch(self, stream: H2Stream) -> None:
+        if self._idle_handle is not None:
+            self._idle_handle.cancel()
+            self._idle_handle = None
+        self._streams[stream.stream_id] = stream
+        stream._task = self._loop.create_task(self._run(stream))
+
+    async def _run(self, stream: H2Stream) -> None:
+        try:
+            await self._handler(stream)
+        except StreamReset:
+            pass
+        except Exception:
+            # The pipeline maps its own errors to responses; this is the backstop.
+            logger.exception("request pipeline failed on HTTP/2 stream %d", stream.stream_id)
+            if not self._closed and stream._reset_code is None:
+                if stream._response_started:
+                    self._reset_stream(stream, ErrorCodes.INTERNAL_ERROR)
+                else:
+                    self._respond_locally(stream.stream_id, 500, b"internal error\n")
+                    stream._local_ended = True
+                    stream._abort(ErrorCodes.NO_ERROR)
+        finally:
+            self._finish(stream)
+
+    def _finish(self, stream: H2Stream) -> None:
+        self._streams.pop(stream.stream_id, None)
+        self._window_blocked.discard(stream)
+        if not self._closed:
+            if stream._reset_code is None:
+                if not stream._local_ended:
+                    # The pipeline returned without completing the response.
+                    self._reset_stream(stream, ErrorCodes.INTERNAL_ERROR)
+                elif not stream._remote_ended:
+                    # RFC 9113 §8.1: after a complete response the server may ask the
+                    # client to stop sending the rest of the request, without error.
+                    self._reset_stream(stream, ErrorCodes.NO_ERROR)
+            self._release_window(stream)
+            self._schedule_flush()
+        if not self._streams:
+            if self._going_away:
+                self._flush()
+                self._close_transport()
+            else:
+                self._arm_idle_timer()
+
+    def _release_window(self, stream: H2Stream) -> None:
+        """Give back connection window held by body nobody is going to read."""
+        if stream._unacked_bytes and not self._closed:
+            self._conn.acknowledge_received_data(stream._unacked_bytes, stream.stream_id)
+        stream._unacked_bytes = 0
+        stream._chunks.clear()
+
+    def _reset_stream(self, stream: H2Stream, error_code: int) -> None:
+        if not self._closed:
+            # StreamClosedError: both sides had already ended it.
+            with contextlib.suppress(h2.exceptions.StreamClosedError):
+                self._conn.reset_stream(stream.stream_id, error_code)
+            self._schedule_flush()
+        stream._abort(error_code)
+
+    def _reject_body(self, stream: H2Stream) -> None:
+        """The body went over ``max_request_body_bytes``: answer 413 if the response has
+        not begun, otherwise reset; either way the pipeline's next call raises."""
+        if stream._response_started or stream._local_ended:
+            self._reset_stream(stream, ErrorCodes.CANCEL)
+        else:
+            self._respond_locally(stream.stream_id, 413, b"request body too large\n")
+            stream._local_ended = True
+            stream._abort(ErrorCodes.NO_ERROR)
+        self._release_window(stream)
+
+    def _respond_locally(self, stream_id: int, status: int, body: bytes) -> None:
+        """A short plain-text answer from the adapter itself, then stop the request."""
+        conn = self._conn
+        headers = [
+            (b":status", str(status).encode("ascii")),
+            (b"content-type", b"text/plain"),
+            (b"content-length", str(len(body)).encode("ascii")),
+        ]
+        try:
+            if conn.local_flow_control_window(stream_id) >= len(body):
+                conn.send_headers(stream_id, headers, end_stream=False)
+                conn.send_data(stream_id, body, end_stream=True)
+            else:
+                conn.send_headers(stream_id, headers[:2], end_stream=True)
+            if conn.streams[stream_id].open:
+                conn.reset_stream(stream_id, ErrorCodes.NO_ERROR)
+        except (h2.exceptions.StreamClosedError, KeyError):
+            pass
+        self._schedule_flush()
+
+    def _count_client_reset(self) -> None:
+        """Rapid reset (CVE-2023-44487) guard: opening a stream and resetting it at once
+        costs the client nothing and us a task. Within a window, more premature resets
+        than the limit, and more than half the streams opened, close the connection."""
+        self.client_resets += 1
+        self._roll_reset_window()
+        self._window_resets += 1
+        settings = self._settings
+        if (
+            self._window_resets > settings.h2_max_premature_resets
+            and self._window_resets * 2 > self._window_streams
+        ):
+            logger.warning(
+                "closing HTTP/2 connection from %s: %d stream resets in %.0f s",
+                self._peer,
+                self._window_resets,
+                settings.h2_reset_window_s,
+            )
+            self._abort_connection(ErrorCodes.ENHANCE_YOUR_CALM)
+
+    def _roll_reset_window(self) -> None:
+        now = self._loop.time()
+        if now - self._reset_window_start > self._settings.h2_reset_window_s:
+            self._reset_window_start = now
+            self._window_resets = 0
+            self._window_streams = 0
+
+    # -- writing and closing ----------------------------------------------------------
+
+    def _acknowledge(self, stream_id: int, flow_bytes: int) -> None:
+        if flow_bytes and not self._closed:
+            self._conn.acknowledge_received_data(flow_bytes, stream_id)
+            self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        # Everything the streams queue during one event-loop tick goes out in one write.
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _queued(self, size: int) -> None:
+        self._queued_bytes += size
+        if self._queued_bytes >= self._settings.write_buffer_high_bytes:
+            # A large body in one send_body call: hand it to the transport now, so that
+            # pause_writing can stop the loop before memory grows.
+            self._flush()
+        else:
+            self._schedule_flush()
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        self._queued_bytes = 0
+        data = self._conn.data_to_send()
+        if data and not self._closed and self._transport is not None:
+            self._transport.write(data)
+
+    async def _wait_writable(self) -> None:
+        waiter = self._loop.create_future()
+        self._drain_waiters.append(waiter)
+        await waiter
+
+    def _arm_idle_timer(self) -> None:
+        if self._idle_handle is None and not self._closed:
+            self._idle_handle = self._loop.call_later(self._settings.idle_timeout_s, self._on_idle)
+
+    def _on_idle(self) -> None:
+        self._idle_handle = None
+        if not self._streams:
+            self.close(graceful=True)
+
+    def _abort_connection(self, error_code: int, goaway_queued: bool = False) -> None:
+        """GOAWAY with ``error_code`` (unless h2 queued one already), then close."""
+        if self._closed:
+            return
+        if not goaway_queued:
+            # ProtocolError: h2 already considers the connection closed.
+            with contextlib.suppress(h2.exceptions.ProtocolError):
+                self._conn.close_connection(error_code=error_code)
+        self._flush()
+        self._close_transport()
+
+    def _close_transport(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._transport is not None:
+            self._transport.close()
+        self._transport_gone()
+
+    def _transport_gone(self) -> None:
+        if self._idle_handle is not None:
+            self._idle_handle.cancel()
+            self._idle_handle = None
+        for stream in tuple(self._streams.values()):
+            stream._abort(ErrorCodes.CANCEL)
+        waiters, self._drain_waiters = self._drain_waiters, []
+        for waiter in waiters:
+            _wake(waiter)
+        if self._closed_future is not None and not self._closed_future.done():
+            self._closed_future.set_result(None)
+
+
+def take_over_prior_knowledge(
+    transport: asyncio.Transport,
+    handler: RequestHandler,
+    settings: ServerSettings,
+    port: int,
+    scheme: str,
+    peer: str,
+    data: bytes,
+) -> H2Protocol:
+    """The connection began with the HTTP/2 preface; ``data`` is everything read so far
+    (the preface included). Installs an ``H2Protocol`` on ``transport`` and feeds it."""
+    proto = H2Protocol(handler, settings, port, scheme, peer)
+    transport.set_protocol(proto)
+    proto.connection_made(transport)
+    if data:
+        proto.data_received(data)
+    return proto
+
+
+def take_over_upgrade(
+    transport: asyncio.Transport,
+    handler: RequestHandler,
+    settings: ServerSettings,
+    port: int,
+    scheme: str,
+    peer: str,
+    head: RequestHead,
+    http2_settings: str,
+    data: bytes = b"",
+) -> H2Protocol:
+    """h2c upgrade (RFC 7540 §3.2), after the HTTP/1.1 side wrote ``101``.
+
+    ``http2_settings`` is the HTTP2-Settings header value (base64url). The upgrading
+    request, which has no body, becomes stream 1 and goes to ``handler``. ``data`` is
+    anything the HTTP/1.1 side read past the request (usually the client's preface)."""
+    proto = H2Protocol(handler, settings, port, scheme, peer)
+    transport.set_protocol(proto)
+    proto._start_upgrade(transport, head, http2_settings)
+    if data and not proto._closed:
+        proto.data_received(data)
+    return proto
