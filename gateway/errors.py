@@ -1,0 +1,171 @@
+"""Request errors: one small class per reason, turned into a response in one place.
+
+The data plane raises these from stages, the upstream client and the protocol
+adapters; ``respond_to`` is the only code that turns one into a status, headers and
+a short body. Each carries an Envoy-style response flag for the access log.
+
+    GatewayError                      source, status, flag, body
+    ├── RouteNotFound                 404 NR   no virtual host or route matched
+    ├── BadRequest                    400 DPE  malformed or ambiguous request framing
+    ├── HeadersTooLarge               431      head over the byte or count limit
+    ├── BodyTooLarge                  413      body over max_request_body_bytes
+    ├── RequestHeaderTimeout          408      head not complete in time
+    ├── DownstreamDisconnected        (none) DC the client went away mid-exchange
+    ├── NoHealthyUpstream             503 UH   no cluster or no endpoints
+    ├── UpstreamConnectFailure        503 UF   connect refused / timed out
+    ├── UpstreamTimeout               504 UT   route timeout before the response head
+    ├── UpstreamReset                 503 UR   upstream closed/reset before the head
+    ├── UpstreamProtocolError         502 UPE  upstream answered something unparsable
+    └── InternalError                 500      anything unmapped (never shown in detail)
+
+Foreign exceptions (httptools, OSError) are translated into these at the module that
+sees them, with ``raise ... from exc``.
+"""
+
+from __future__ import annotations
+
+import enum
+
+from .server.events import ResponseHead
+
+__all__ = [
+    "BadRequest",
+    "BodyTooLarge",
+    "DownstreamDisconnected",
+    "ErrorSource",
+    "GatewayError",
+    "HeadersTooLarge",
+    "InternalError",
+    "NoHealthyUpstream",
+    "RequestHeaderTimeout",
+    "RouteNotFound",
+    "UpstreamConnectFailure",
+    "UpstreamProtocolError",
+    "UpstreamReset",
+    "UpstreamTimeout",
+    "respond_to",
+]
+
+
+class ErrorSource(enum.Enum):
+    DOWNSTREAM = "downstream"
+    UPSTREAM = "upstream"
+    INTERNAL = "internal"
+
+
+class GatewayError(Exception):
+    """Base of every request error. Class attributes give the defaults."""
+
+    status: int = 500
+    flag: str = ""  # Envoy response flag; "" when the condition has none
+    source: ErrorSource = ErrorSource.INTERNAL
+    body: str = ""  # short plain-text body; "" for an empty body
+    retryable: bool = False
+
+    def __init__(self, detail: str = "") -> None:
+        super().__init__(detail or self.body or type(self).__name__)
+        self.detail = detail
+
+
+class RouteNotFound(GatewayError):
+    status = 404
+    flag = "NR"
+    source = ErrorSource.DOWNSTREAM
+
+
+class BadRequest(GatewayError):
+    status = 400
+    flag = "DPE"
+    source = ErrorSource.DOWNSTREAM
+    body = "bad request"
+
+
+class HeadersTooLarge(GatewayError):
+    status = 431
+    flag = "DPE"
+    source = ErrorSource.DOWNSTREAM
+    body = "request header fields too large"
+
+
+class BodyTooLarge(GatewayError):
+    status = 413
+    flag = "DPE"
+    source = ErrorSource.DOWNSTREAM
+    body = "payload too large"
+
+
+class RequestHeaderTimeout(GatewayError):
+    status = 408
+    flag = "DPE"
+    source = ErrorSource.DOWNSTREAM
+    body = "request timeout"
+
+
+class DownstreamDisconnected(GatewayError):
+    """The client closed or reset the connection; nothing can be answered."""
+
+    status = 499  # nginx's convention; only ever shown in the access log
+    flag = "DC"
+    source = ErrorSource.DOWNSTREAM
+
+
+class NoHealthyUpstream(GatewayError):
+    status = 503
+    flag = "UH"
+    source = ErrorSource.UPSTREAM
+    body = "no healthy upstream"
+
+
+class UpstreamConnectFailure(GatewayError):
+    status = 503
+    flag = "UF"
+    source = ErrorSource.UPSTREAM
+    body = (
+        "upstream connect error or disconnect/reset before headers. "
+        "reset reason: connection failure"
+    )
+    retryable = True
+
+
+class UpstreamTimeout(GatewayError):
+    status = 504
+    flag = "UT"
+    source = ErrorSource.UPSTREAM
+    body = "upstream request timeout"
+
+
+class UpstreamReset(GatewayError):
+    status = 503
+    flag = "UR"
+    source = ErrorSource.UPSTREAM
+    body = (
+        "upstream connect error or disconnect/reset before headers. "
+        "reset reason: connection termination"
+    )
+
+
+class UpstreamProtocolError(GatewayError):
+    status = 502
+    flag = "UPE"
+    source = ErrorSource.UPSTREAM
+    body = "upstream sent an invalid response"
+
+
+class InternalError(GatewayError):
+    status = 500
+    source = ErrorSource.INTERNAL
+    body = "internal error"
+
+
+_TEXT = ("content-type", "text/plain")
+
+
+def respond_to(error: GatewayError) -> tuple[ResponseHead, bytes]:
+    """The response for ``error``: its status, a short plain-text body.
+
+    Only the class's fixed body is ever sent, never ``detail`` or a traceback:
+    details go to the log, where the operator can see them and the client cannot.
+    """
+    body = error.body.encode("latin-1")
+    headers = [_TEXT, ("content-length", str(len(body)))] if body else [("content-length", "0")]
+    return ResponseHead(error.status, headers), body
