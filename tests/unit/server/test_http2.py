@@ -297,6 +297,11 @@ class Echo:
                 ("X-Kept", "2"),
             ]
             await stream.send_head(ResponseHead(200, headers), end_stream=True)
+        elif head.path == "/paced":
+            await stream.send_head(ResponseHead(200, []), end_stream=False)
+            await self.gate.wait()
+            self.on_change()  # the test resumes once send_body below is waiting
+            await stream.send_body(b"p" * 1000, end_stream=True)
         elif head.path == "/boom":
             raise RuntimeError("pipeline bug")
         else:
@@ -459,6 +464,25 @@ def test_response_body_waits_while_the_transport_is_paused() -> None:
         proto.resume_writing()
         assert client.transport.reading is True
         await client.wait_for(lambda: client.ended(sid), "the response")
+        assert len(client.bodies[sid]) == 1000
+
+    run(scenario)
+
+
+def test_send_body_waits_while_the_transport_is_paused() -> None:
+    async def scenario() -> None:
+        client, proto, echo = await connect()
+        sid = client.request("/paced")
+        await client.wait_for(lambda: bool(client.of(h2.events.ResponseReceived, sid)), "head")
+        proto.pause_writing()
+        change = client.transport.next_change()
+        echo.gate.set()
+        await asyncio.wait_for(change, TIMEOUT_S)
+        client.receive()
+        assert sid not in client.bodies
+        assert len(proto._drain_waiters) == 1
+        proto.resume_writing()
+        await client.wait_for(lambda: client.ended(sid), "the body")
         assert len(client.bodies[sid]) == 1000
 
     run(scenario)
