@@ -149,8 +149,9 @@ class _FileReader:
         except OSError as exc:
             self.loaded.errors.append(_file_error(self.path, f"cannot read: {exc.strerror}"))
             return
-        loader = yaml.SafeLoader(text)
+        loader: yaml.SafeLoader | None = None
         try:
+            loader = yaml.SafeLoader(text)  # refuses control characters right away
             # Documents before a syntax error are kept: their own problems are worth
             # reporting in the same pass.
             while loader.check_node():
@@ -158,6 +159,15 @@ class _FileReader:
                 if node is None or Parser.is_null(node):
                     continue  # an empty document ("---" followed by nothing)
                 self.document(loader, node)
+        except yaml.reader.ReaderError as exc:
+            line = text.count("\n", 0, exc.position) + 1
+            self.loaded.errors.append(
+                _file_error(
+                    self.path,
+                    f"YAML syntax error: character #x{exc.character:04x} is not allowed in YAML",
+                    line,
+                )
+            )
         except yaml.MarkedYAMLError as exc:
             mark = exc.problem_mark or exc.context_mark
             line = mark.line + 1 if mark is not None else None
@@ -168,7 +178,8 @@ class _FileReader:
         except yaml.YAMLError as exc:
             self.loaded.errors.append(_file_error(self.path, f"YAML syntax error: {exc}"))
         finally:
-            loader.dispose()
+            if loader is not None:
+                loader.dispose()
 
     def document(self, loader: yaml.SafeLoader, root: yaml.Node) -> None:
         line = root.start_mark.line + 1

@@ -156,6 +156,7 @@ class Parser:
     lines: dict[str, int] = field(default_factory=dict)
     problems: list[Problem] = field(default_factory=list)
     broken: list[str] = field(default_factory=list)
+    _active: set[int] = field(default_factory=set)  # nodes being parsed, to stop alias loops
 
     # ------------------------------------------------------------------ helpers
 
@@ -215,6 +216,19 @@ class Parser:
     def parse(self, node: yaml.Node, tp: Any, path: str) -> Any:
         """The value of ``node`` as type ``tp``, or ``INVALID`` (problems recorded)."""
         self.mark(path, node)
+        if id(node) in self._active:
+            # "&a [*a]": an alias inside its own anchor; no finite value to build.
+            self.problem(path, node, "an alias refers to a node that contains it")
+            return INVALID
+        if isinstance(node, yaml.ScalarNode):
+            return self._parse_node(node, tp, path)
+        self._active.add(id(node))
+        try:
+            return self._parse_node(node, tp, path)
+        finally:
+            self._active.discard(id(node))
+
+    def _parse_node(self, node: yaml.Node, tp: Any, path: str) -> Any:
         inner = _optional_inner(tp)
         if inner is not None:
             if self.is_null(node):
@@ -240,19 +254,30 @@ class Parser:
         raise TypeError(f"meshgate cannot parse a field of type {tp!r}")  # a resources.py bug
 
     def _construct_any(self, node: yaml.Node, path: str) -> Any:
-        self._mark_tree(node, path)
+        if not self._mark_tree(node, path, set()):
+            return INVALID
         return self.loader.construct_object(node, deep=True)
 
-    def _mark_tree(self, node: yaml.Node, path: str) -> None:
+    def _mark_tree(self, node: yaml.Node, path: str, visiting: set[int]) -> bool:
+        """Record the lines of a free-form subtree; False if an alias loops back."""
         self.mark(path, node)
+        if isinstance(node, yaml.ScalarNode):
+            return True
+        if id(node) in visiting:
+            self.problem(path, node, "an alias refers to a node that contains it")
+            return False
+        visiting.add(id(node))
+        ok = True
         if isinstance(node, yaml.MappingNode):
             for key, key_node, value in self.pairs(node, path):
                 sub = child_path(path, key)
                 self.mark(sub, key_node)
-                self._mark_tree(value, sub)
+                ok = self._mark_tree(value, sub, visiting) and ok
         elif isinstance(node, yaml.SequenceNode):
             for i, item in enumerate(node.value):
-                self._mark_tree(item, f"{path}[{i}]")
+                ok = self._mark_tree(item, f"{path}[{i}]", visiting) and ok
+        visiting.discard(id(node))
+        return ok
 
     def _parse_dataclass(self, node: yaml.Node, cls: type, path: str) -> Any:
         if self.is_null(node):

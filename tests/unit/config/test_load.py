@@ -127,3 +127,13 @@ def test_load_resources_raises_on_parse_errors(tmp_path: Path) -> None:
     ]
     assert caught.value.errors[0].message.startswith('unknown field "hots"')
     assert caught.value.errors[1].message == 'missing required field "host"'
+
+
+def test_control_characters_are_a_syntax_error_with_a_line(tmp_path: Path) -> None:
+    path = tmp_path / "nul.yaml"
+    path.write_text("apiVersion: v1\nkind: \x00\n", encoding="utf-8")
+    with pytest.raises(ConfigErrors) as caught:
+        load_config([str(path)])
+    assert [str(e) for e in caught.value.errors] == [
+        f"{path}:2: YAML syntax error: character #x0000 is not allowed in YAML"
+    ]
