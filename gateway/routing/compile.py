@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import gc
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -108,8 +109,17 @@ def compile_snapshot(model: Model, gateway_labels: Mapping[str, str]) -> Snapsho
     selector applies to every gateway, as in Istio). The result is deterministic:
     the same model and labels give an equal Snapshot with the same ``version``.
     """
-    snapshot = _Compiler(model, dict(gateway_labels)).build()
-    return dataclasses.replace(snapshot, version=snapshot_content_hash(snapshot))
+    # Compiling allocates hundreds of thousands of long-lived, acyclic objects for a
+    # large config; the cyclic collector would rescan the growing heap again and
+    # again (it made 10 000 VirtualServices take ~3x longer), so it is paused here.
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        snapshot = _Compiler(model, dict(gateway_labels)).build()
+        return dataclasses.replace(snapshot, version=snapshot_content_hash(snapshot))
+    finally:
+        if collecting:
+            gc.enable()
 
 
 def parse_duration_s(text: str | None) -> float | None:
@@ -727,6 +737,8 @@ def _policy(top: TrafficPolicy | None, subset: TrafficPolicy | None, port: int) 
     and tls as a whole, unset ones included: Istio documents that port-level settings
     do not inherit from the destination level.
     """
+    if top is None and subset is None:
+        return {}
     merged: dict[str, Any] = {}
     for policy in (top, subset):
         if policy is None:

@@ -69,8 +69,13 @@ def find_virtual_host(listener: Listener, authority: str) -> VirtualHost | None:
     (``a.b.example.com`` tries ``.b.example.com``, ``.example.com``, ``.com``), so
     the cost depends on the request's host, never on how many hosts are configured.
     """
+    exact = listener.virtual_hosts
+    # Most clients already send a lower-case host without a port: one probe, no copy.
+    vhost = exact.get(authority)
+    if vhost is not None:
+        return vhost
     host = host_of_authority(authority)
-    vhost = listener.virtual_hosts.get(host)
+    vhost = exact.get(host)
     if vhost is not None:
         return vhost
     wildcards = listener.wildcard_hosts
