@@ -353,6 +353,9 @@ class H2Protocol(asyncio.Protocol):
         self._window_resets = 0
         self._window_streams = 0
         self.client_resets = 0  # premature client resets over the connection's life
+        # Called once when the connection is gone, for whoever tracks live connections
+        # (the listener set, for its graceful stop).
+        self.on_close: Callable[[H2Protocol], None] | None = None
 
         max_streams = settings.max_concurrent_streams
         header_bytes = settings.max_request_header_bytes
@@ -459,6 +462,14 @@ class H2Protocol(asyncio.Protocol):
             self._transport.write(frame.serialize())
         if not self._streams:
             self._close_transport()
+
+    def shutdown(self) -> None:
+        """Graceful stop, under the name the listener set uses for every connection."""
+        self.close(graceful=True)
+
+    def abort(self) -> None:
+        """Stop now: GOAWAY, close, reset whatever is still running."""
+        self.close(graceful=False)
 
     async def wait_closed(self) -> None:
         """Return once the connection is closed."""
@@ -863,6 +874,9 @@ class H2Protocol(asyncio.Protocol):
             _wake(waiter)
         if self._closed_future is not None and not self._closed_future.done():
             self._closed_future.set_result(None)
+        on_close, self.on_close = self.on_close, None
+        if on_close is not None:
+            on_close(self)
 
 
 def take_over_prior_knowledge(

@@ -823,12 +823,30 @@ def test_graceful_close_lets_open_streams_finish_and_refuses_new_ones() -> None:
     run(scenario)
 
 
+def test_shutdown_and_on_close_serve_the_listener_set() -> None:
+    async def scenario() -> None:
+        client, proto, echo = await connect()
+        gone: list[H2Protocol] = []
+        proto.on_close = gone.append
+        sid = client.request("/wait")
+        await client.wait_for(lambda: echo.running == 1, "the handler")
+        proto.shutdown()
+        await client.wait_for(lambda: bool(client.of(h2.events.ConnectionTerminated)), "GOAWAY")
+        assert gone == []
+        echo.gate.set()
+        await client.wait_for(lambda: client.transport.closed, "the connection to close")
+        assert client.status(sid) == 200
+        assert gone == [proto]
+
+    run(scenario)
+
+
 def test_abrupt_close_resets_the_pipeline() -> None:
     async def scenario() -> None:
         client, proto, echo = await connect()
         client.request("/read", method="POST", end_stream=False)
         await client.wait_for(lambda: echo.running == 1, "the handler")
-        proto.close(graceful=False)
+        proto.abort()
         assert client.transport.closed
         await asyncio.wait_for(echo.idle.wait(), TIMEOUT_S)
         assert len(echo.resets) == 1
