@@ -108,8 +108,7 @@ class Pipeline:
         headers = finish_response_headers(ctx, reply.headers)
         head = ResponseHead(reply.status, headers)
         if reply.body:
-            await ctx.send_head(head, False)
-            await ctx.send_body(reply.body, True)
+            await ctx.send_whole(head, reply.body)
         else:
             await ctx.send_head(head, True)
 
@@ -125,8 +124,7 @@ class Pipeline:
         head, body = respond_to(error)
         try:
             if body:
-                await ctx.send_head(head, False)
-                await ctx.send_body(body, True)
+                await ctx.send_whole(head, body)
             else:
                 await ctx.send_head(head, True)
         except (StreamReset, asyncio.CancelledError):
@@ -159,5 +157,5 @@ class Pipeline:
             "upstream_service_time_ms": round(upstream_ms, 3) if upstream_ms is not None else None,
             "request_id": ctx.request_id or "-",
             "x_forwarded_for": ctx.xff or head.peer,
-            "user_agent": head.header("user-agent") or "-",
+            "user_agent": ctx.user_agent,
         }

@@ -85,6 +85,7 @@ class RequestContext:
         "upstream_cluster",
         "upstream_host",
         "upstream_ms",
+        "user_agent",
         "xff",
     )
 
@@ -103,6 +104,7 @@ class RequestContext:
         self.authority = head.authority
         self.request_id = ""
         self.xff = ""
+        self.user_agent = "-"
         self.route: Route | None = None
         self.forward: Forward | None = None
         self.destination: WeightedCluster | None = None
@@ -129,6 +131,18 @@ class RequestContext:
         await self.stream.send_body(data, end_stream)
         self.bytes_sent += len(data)
 
+    async def send_whole(self, head: ResponseHead, body: bytes) -> None:
+        """A response whose body is all here: in one write when the adapter can."""
+        self.status = head.status
+        self.response_started = True
+        send_response = getattr(self.stream, "send_response", None)
+        if send_response is not None:
+            await send_response(head, body)
+        else:
+            await self.stream.send_head(head, False)
+            await self.stream.send_body(body, True)
+        self.bytes_sent += len(body)
+
 
 def apply_header_ops(headers: list[tuple[str, str]], ops: HeaderOps) -> list[tuple[str, str]]:
     """Envoy's order: removals, then overwrites, then appends."""
@@ -154,11 +168,19 @@ class RequestIdStage:
     """Keeps the client's ``x-request-id``, or makes one: 128 random bits in hex.
 
     ``random.getrandbits`` rather than ``uuid4``: a request id needs uniqueness, not
-    secrecy, and it costs a tenth of ``uuid4`` (measured: ~0.2 us against ~2 us)."""
+    secrecy, and it costs a tenth of ``uuid4`` (measured: ~0.2 us against ~2 us).
+    The same scan picks up ``user-agent`` for the access log; a linear scan of a
+    dozen headers is cheaper than building the header index before the next stages
+    edit the list anyway."""
 
     def on_request(self, ctx: RequestContext) -> None:
         head = ctx.head
-        request_id = head.header("x-request-id")
+        request_id = ""
+        for name, value in head.headers:
+            if name == "x-request-id":
+                request_id = value
+            elif name == "user-agent":
+                ctx.user_agent = value
         if not request_id:
             request_id = f"{random.getrandbits(128):032x}"
             head.headers.append(("x-request-id", request_id))
@@ -179,14 +201,20 @@ class ForwardedHeadersStage:
     carries the authority the client asked for, before any rewrite.
     """
 
-    _names = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"})
-
     def on_request(self, ctx: RequestContext) -> None:
         head = ctx.head
-        names = self._names
-        prior = head.header("x-forwarded-for")
-        xff = f"{prior}, {head.peer}" if prior else head.peer
-        headers = [(n, v) for n, v in head.headers if n not in names]
+        prior: list[str] = []
+        headers = []
+        for item in head.headers:
+            name = item[0]
+            if name[:12] == "x-forwarded-":
+                if name == "x-forwarded-for":
+                    prior.append(item[1])
+                    continue
+                if name == "x-forwarded-proto" or name == "x-forwarded-host":
+                    continue
+            headers.append(item)
+        xff = f"{', '.join(prior)}, {head.peer}" if prior else head.peer
         headers.append(("x-forwarded-for", xff))
         headers.append(("x-forwarded-proto", head.scheme))
         if head.authority:
@@ -214,29 +242,32 @@ class HopByHopStage:
             "upgrade",
             "expect",
             "http2-settings",
+            "te",
         }
     )
 
     def on_request(self, ctx: RequestContext) -> None:
         head = ctx.head
-        drop = self._always
-        connection = head.header("connection")
-        if connection:
-            drop = drop | {t.strip().lower() for t in connection.split(",")}
-        te = head.header("te")
-        keep_te = te is not None and "trailers" in te.lower()
-        headers = []
+        always = self._always
+        found = False
+        for name, _ in head.headers:
+            if name in always:
+                found = True
+                break
+        if not found:
+            return  # the common case: nothing to strip, no new list
+        drop = set(always)
+        keep_te = False
         for name, value in head.headers:
-            if name in drop:
-                continue
-            if name == "te":
-                if keep_te:
-                    headers.append(("te", "trailers"))
-                continue
-            headers.append((name, value))
-        if len(headers) != len(head.headers):
-            head.headers = headers
-            head.invalidate()
+            if name == "connection":
+                drop.update(t.strip().lower() for t in value.split(","))
+            elif name == "te":
+                keep_te = keep_te or "trailers" in value.lower()
+        headers = [(n, v) for n, v in head.headers if n not in drop]
+        if keep_te:
+            headers.append(("te", "trailers"))
+        head.headers = headers
+        head.invalidate()
 
 
 # 4 ---------------------------------------------------------------------------------
@@ -465,8 +496,7 @@ class UpstreamStage:
             if head_only or status in (204, 304) or (conn.message_done and not conn.chunks):
                 body = await conn.read_body() if not head_only else b""
                 if body:
-                    await ctx.send_head(response, False)
-                    await ctx.send_body(body, True)
+                    await ctx.send_whole(response, body)
                 else:
                     await ctx.send_head(response, True)
             else:

@@ -8,10 +8,10 @@ of one per request. Field meanings are documented in ``docs/operations.md``.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import time
 from collections.abc import Callable
+from json.encoder import encode_basestring as _quote
 from typing import Any
 
 __all__ = ["AccessLog", "rfc3339"]
@@ -75,11 +75,25 @@ class AccessLog:
             view = view[written:]
 
 
-_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
-
-
 def _format_json(record: dict[str, Any]) -> str:
-    return _dumps(record) + "\n"
+    # Hand-built rather than json.dumps: the field set is fixed, strings go through
+    # the C string escaper, and this is several times cheaper per line (measured).
+    q = _quote
+    r = record
+    upstream_ms = r["upstream_service_time_ms"]
+    return (
+        f'{{"start_time":"{r["start_time"]}","method":{q(r["method"])},'
+        f'"authority":{q(r["authority"])},"path":{q(r["path"])},'
+        f'"protocol":"{r["protocol"]}","status":{r["status"]:d},'
+        f'"response_flags":"{r["response_flags"]}","route":{q(r["route"])},'
+        f'"upstream_cluster":{q(r["upstream_cluster"])},'
+        f'"upstream_host":{q(r["upstream_host"])},'
+        f'"bytes_received":{r["bytes_received"]:d},"bytes_sent":{r["bytes_sent"]:d},'
+        f'"duration_ms":{r["duration_ms"]!r},'
+        f'"upstream_service_time_ms":{"null" if upstream_ms is None else repr(upstream_ms)},'
+        f'"request_id":{q(r["request_id"])},"x_forwarded_for":{q(r["x_forwarded_for"])},'
+        f'"user_agent":{q(r["user_agent"])}}}\n'
+    )
 
 
 def _format_text(record: dict[str, Any]) -> str:

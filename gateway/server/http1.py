@@ -69,6 +69,9 @@ _STATUS_LINES = {code: f"HTTP/1.1 {code} {reason}\r\n" for code, reason in _REAS
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _SWITCHING_H2C = b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n"
 
+# Header names as received -> lower-case str; the same few dozen names recur.
+_NAMES: dict[bytes, str] = {}
+
 # Response body framing modes.
 _FIXED, _CHUNKED, _UNTIL_CLOSE, _NONE = 0, 1, 2, 3
 
@@ -179,6 +182,29 @@ class H1Stream:
         return self.body_done and not self.chunks
 
     async def send_head(self, response: ResponseHead, end_stream: bool) -> None:
+        data = self._encode_head(response, end_stream)
+        conn = self.conn
+        if end_stream:
+            conn.write(data)
+            self._complete()
+        else:
+            # Held for one loop tick so that a body chunk sent right away leaves in
+            # the same write (one syscall for the common small response).
+            self._pending = data
+            conn.loop.call_soon(self._flush_pending)
+
+    async def send_response(self, response: ResponseHead, body: bytes) -> None:
+        """Head and whole body at once: one write, no deferred flush (fast path
+        used by the pipeline when the upstream's body is already complete)."""
+        data = self._encode_head(response, False)
+        if body and self.mode != _NONE:
+            data += b"%x\r\n%b\r\n0\r\n\r\n" % (len(body), body) if self.mode == _CHUNKED else body
+        elif self.mode == _CHUNKED:
+            data += b"0\r\n\r\n"
+        self.conn.write(data)
+        self._complete()
+
+    def _encode_head(self, response: ResponseHead, end_stream: bool) -> bytes:
         conn = self.conn
         if conn.closed:
             raise StreamReset("client closed the connection")
@@ -214,15 +240,7 @@ class H1Stream:
         elif self.head.http_version == "1.0":
             parts.append("connection: keep-alive\r\n")
         parts.append("\r\n")
-        data = "".join(parts).encode("latin-1")
-        if end_stream:
-            conn.write(data)
-            self._complete()
-        else:
-            # Held for one loop tick so that a body chunk sent right away leaves in
-            # the same write (one syscall for the common small response).
-            self._pending = data
-            conn.loop.call_soon(self._flush_pending)
+        return "".join(parts).encode("latin-1")
 
     def _flush_pending(self) -> None:
         pending = self._pending
@@ -254,6 +272,9 @@ class H1Stream:
         if pieces:
             if len(pieces) == 1:
                 conn.write(pieces[0])
+            elif len(data) < 65536:
+                # Small: one joined buffer is one send(); cheaper than writelines.
+                conn.write(b"".join(pieces))
             else:
                 conn.writelines(pieces)
         if end_stream:
@@ -271,14 +292,6 @@ class H1Stream:
     def _complete(self) -> None:
         self.response_done = True
         self.conn.response_complete(self)
-
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        # Safety net: a handler that returned (or died) without finishing its
-        # response must not leave the connection hanging.
-        if not task.cancelled():
-            task.exception()  # mark retrieved; the pipeline already logged it
-        if not self.response_done:
-            self.reset()
 
 
 class HTTP1Connection(asyncio.Protocol):
@@ -518,8 +531,13 @@ class HTTP1Connection(asyncio.Protocol):
         chunked = False
         upgrade: str | None = None
         connection = ""
+        names = _NAMES
         for raw_name, raw_value in self._headers:
-            name = raw_name.decode("latin-1").lower()
+            name = names.get(raw_name)
+            if name is None:
+                name = raw_name.decode("latin-1").lower()
+                if len(names) < 1024:
+                    names[raw_name] = name
             value = raw_value.decode("latin-1")
             if name == "host":
                 if authority is not None:
@@ -609,8 +627,16 @@ class HTTP1Connection(asyncio.Protocol):
 
     def _start(self, stream: H1Stream) -> None:
         self._active = stream
-        task = stream.task = self.loop.create_task(self.handler(stream))
-        task.add_done_callback(stream._task_done)
+        stream.task = self.loop.create_task(self._run(stream))
+
+    async def _run(self, stream: H1Stream) -> None:
+        try:
+            await self.handler(stream)
+        finally:
+            # Safety net: a handler that returned (or died) without finishing its
+            # response must not leave the connection hanging.
+            if not stream.response_done:
+                stream.reset()
 
     def response_complete(self, stream: H1Stream) -> None:
         """Called by the stream when its last byte has been written."""
