@@ -481,7 +481,7 @@ def report(
         f"- command: `{command_line()}` (DUR={DUR} s per run, ROUNDS={ROUNDS}, "
         f"wrk `-t1`, {WARMUP_S} s warm-up discarded)",
         f"- machine: {facts['nproc']} cores, {facts['cpu']}, Linux {facts['kernel']}; "
-        f"1-minute load average {load_before} before the run, {load_average()} after",
+        f"1-minute load average {load_before} before the run",
         f"- software: Python {facts['python']}, uvloop {facts['uvloop']}, "
         f"nginx {facts['nginx']}, wrk {facts['wrk']}, meshgate commit {facts['commit']}",
         f"- pinning: nginx proxy and meshgate on core {PROXY_CORE}; wrk and the backend "
