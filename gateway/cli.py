@@ -55,6 +55,15 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("--gateway-class", default="meshgate", help="Gateway API class name")
     run.add_argument("--workers", type=int, default=1, help="processes sharing the ports (1)")
     run.add_argument("--log-format", choices=("json", "text"), default="json")
+    limits = run.add_argument_group("limits (defaults in docs/operations.md)")
+    limits.add_argument("--max-request-header-bytes", type=int, help="head size; over it: 431")
+    limits.add_argument("--max-request-headers", type=int, help="header count; over it: 431")
+    limits.add_argument("--max-request-body-bytes", type=int, help="body size; over it: 413")
+    limits.add_argument(
+        "--request-header-timeout-s", type=float, help="time to send a head; over it: 408"
+    )
+    limits.add_argument("--idle-timeout-s", type=float, help="idle keep-alive connections")
+    limits.add_argument("--drain-timeout-s", type=float, default=5.0, help="graceful stop (5)")
 
     validate = sub.add_parser("validate", help="check configuration; exit 1 on errors")
     validate.add_argument("paths", nargs="+", metavar="PATH")
@@ -115,8 +124,22 @@ def _cmd_routes(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from .runtime import RunOptions, run
+    from dataclasses import replace
 
+    from .runtime import RunOptions, run
+    from .server.settings import ServerSettings
+
+    limits = {
+        name: getattr(args, name)
+        for name in (
+            "max_request_header_bytes",
+            "max_request_headers",
+            "max_request_body_bytes",
+            "request_header_timeout_s",
+            "idle_timeout_s",
+        )
+        if getattr(args, name) is not None
+    }
     options = RunOptions(
         paths=tuple(args.paths),
         address=args.address,
@@ -125,6 +148,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         gateway_class=args.gateway_class,
         workers=args.workers,
         log_format=args.log_format,
+        settings=replace(ServerSettings(), **limits),
+        drain_timeout_s=args.drain_timeout_s,
     )
     return run(options)
 
