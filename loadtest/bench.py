@@ -476,7 +476,7 @@ def report(
     facts = machine_facts()
     now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
-        f"## Run of {now}",
+        f"### Run of {now}",
         "",
         f"- command: `{command_line()}` (DUR={DUR} s per run, ROUNDS={ROUNDS}, "
         f"wrk `-t1`, {WARMUP_S} s warm-up discarded)",
