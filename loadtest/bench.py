@@ -550,6 +550,8 @@ def main() -> int:
                         )
     except KeyboardInterrupt:
         log("bench: interrupted; stopping every process it started")
+        procs.stop_all()
+        shutil.rmtree(scratch, ignore_errors=True)
         return 130
     except RuntimeError as exc:
         log(f"bench: {exc}; server logs in {scratch / 'servers.log'}")
