@@ -151,6 +151,19 @@ async def _serve_worker(
     return 0
 
 
+def _die_with_parent() -> None:
+    """Ask Linux to SIGTERM this worker if the supervising parent dies, so that a
+    killed parent never leaves workers holding the ports."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+
+
 def _supervise(options: RunOptions, snapshot: Snapshot, ports: list[int]) -> int:
     """Fork the workers, serve the admin API, relay signals, reap children."""
     import uvloop
@@ -161,6 +174,7 @@ def _supervise(options: RunOptions, snapshot: Snapshot, ports: list[int]) -> int
         pid = os.fork()
         if pid == 0:
             os.close(ready_read)
+            _die_with_parent()
             code = 1
             try:
                 code = uvloop.run(
@@ -208,30 +222,24 @@ async def _parent(
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum)
 
-    def reap() -> None:
-        while alive:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                alive.clear()
-                break
-            if pid == 0:
-                break
-            alive.discard(pid)
-            codes.append(os.waitstatus_to_exitcode(status))
-            if not readiness.draining:
-                # A worker died on its own: stop the others rather than limp on.
-                readiness.draining = True
-                forward(signal.SIGTERM)
-        if not alive:
-            all_exited.set()
-
     loop.add_reader(ready_fd, on_ready)
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, forward, signum)
-    loop.add_signal_handler(signal.SIGCHLD, reap)
-    reap()  # a child may have exited before the handler was installed
+
+    async def watch(pid: int) -> None:
+        # uvloop keeps SIGCHLD for itself, so each child is waited for in a thread.
+        _, status = await loop.run_in_executor(None, os.waitpid, pid, 0)
+        alive.discard(pid)
+        codes.append(os.waitstatus_to_exitcode(status))
+        if not readiness.draining:
+            # A worker died on its own: stop the others rather than limp on.
+            forward(signal.SIGTERM)
+        if not alive:
+            all_exited.set()
+
+    watchers = [loop.create_task(watch(pid)) for pid in children]
     await all_exited.wait()
+    await asyncio.gather(*watchers)
     admin_stop.set()
     with contextlib.suppress(Exception):
         await admin_task
