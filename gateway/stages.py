@@ -493,7 +493,7 @@ class UpstreamStage:
             status, raw_headers = conn.status, conn.headers
             ctx.upstream_ms = (perf_counter() - started) * 1000.0
             response = ResponseHead(status, self._response_headers(ctx, raw_headers))
-            if head_only or status in (204, 304) or (conn.message_done and not conn.chunks):
+            if head_only or status in (204, 304) or conn.message_done:
                 body = await conn.read_body() if not head_only else b""
                 if body:
                     await ctx.send_whole(response, body)
