@@ -10,7 +10,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test lint bench clean
+.PHONY: setup run test lint bench clean redis-server
 
 setup: $(STAMP)
 
@@ -28,8 +28,16 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: lint
+test: lint redis-server
 	$(BIN)/python -m pytest -q
+
+# The rate-limit tests start a real redis-server; install it when it is missing.
+redis-server:
+	@command -v redis-server >/dev/null 2>&1 || { \
+	if [ "$$(id -u)" = 0 ]; then SUDO=; \
+	elif command -v sudo >/dev/null 2>&1; then SUDO=sudo; \
+	else echo "make test needs redis-server: install it (apt-get install redis-server) or run as root"; exit 1; fi; \
+	$$SUDO apt-get update && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y redis-server; }
 
 bench: setup
 	bash loadtest/bench.sh
