@@ -1,0 +1,875 @@
+"""The HTTP/3 downstream adapter and the QUIC listener, on aioquic.
+
+Owns one UDP socket per HTTPS listener port (``serve_quic``) and, on it, every QUIC
+connection from clients (``H3Protocol``). Each request stream becomes a
+``RequestHead`` plus an ``H3Stream`` (a ``DownstreamStream``) handed to the request
+pipeline in a task of its own, exactly as the HTTP/1.1 and HTTP/2 adapters do, so
+routing and policy never see an aioquic object.
+
+What this module does:
+
+- flow control both ways, as far as aioquic lets an application steer it: a request
+  stream's receive window is moved forward only as the pipeline reads its body
+  (aioquic on its own doubles the window whenever data *arrives*), and a response
+  body waits while more than ``write_buffer_high_bytes`` of it is unacknowledged;
+- the limits of ``ServerSettings``: concurrent streams (QUIC's MAX_STREAMS credit),
+  header section size (advertised as SETTINGS_MAX_FIELD_SECTION_SIZE) and count
+  (431), body size (413), idle time (QUIC's idle timeout);
+- the certificate by SNI when several Gateway servers share the port;
+- graceful shutdown: GOAWAY on the control stream, streams already received finish,
+  later ones are refused with H3_REQUEST_REJECTED;
+- the ``alt-svc`` advertisement (``gateway.server.altsvc``) while the socket is up.
+
+What it leaves to others: routing and error pages (the pipeline), the TCP side of the
+same port (the TLS listeners), reading certificate files from Gateway settings (the
+caller hands ``QuicCertificate`` objects in).
+
+aioquic private parts used, all in one place (``_QuicTuning``) and pinned by the
+``aioquic`` version range in ``pyproject.toml``: the per-connection stream-count limit,
+the stream receive-window writer, the sender's unacknowledged byte count, and the TLS
+context's ClientHello handler (to read SNI before the certificate is chosen).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from aioquic.asyncio.protocol import QuicConnectionProtocol
+from aioquic.asyncio.server import QuicServer
+from aioquic.buffer import Buffer
+from aioquic.h3.connection import H3_ALPN, FrameType, H3Connection, Setting, encode_frame
+from aioquic.h3.events import DataReceived, HeadersReceived
+from aioquic.quic import events as quic_events
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.tls import pull_client_hello
+
+from . import altsvc
+from .events import RequestHandler, RequestHead, ResponseHead, StreamReset
+from .settings import ServerSettings
+
+__all__ = [
+    "H3Protocol",
+    "H3Stream",
+    "QuicCertificate",
+    "QuicListener",
+    "load_quic_certificate",
+    "quic_configuration",
+    "serve_quic",
+]
+
+logger = logging.getLogger(__name__)
+
+# HTTP/3 error codes (RFC 9114 §8.1).
+H3_NO_ERROR = 0x100
+H3_INTERNAL_ERROR = 0x102
+H3_REQUEST_REJECTED = 0x10B
+H3_REQUEST_CANCELLED = 0x10C
+
+# How much request body one stream may have received and not yet handed to the
+# pipeline. The same figure as HTTP/2's stream window.
+STREAM_WINDOW_BYTES = 256 * 1024
+# The connection's initial receive window; aioquic grows it as data is received, the
+# per-stream windows above are what bound memory (streams x window).
+CONNECTION_WINDOW_BYTES = 1024 * 1024
+
+# Response fields HTTP/3 forbids (RFC 9114 §4.2), dropped if the pipeline passes them.
+_CONNECTION_FIELDS = frozenset(
+    {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade"}
+)
+
+
+def _wake(waiter: asyncio.Future[None] | None) -> None:
+    if waiter is not None and not waiter.done():
+        waiter.set_result(None)
+
+
+def _encode_varint(value: int) -> bytes:
+    buf = Buffer(capacity=8)
+    buf.push_uint_var(value)
+    return buf.data
+
+
+def _response_headers(response: ResponseHead) -> list[tuple[bytes, bytes]]:
+    """``:status`` plus the pipeline's headers, lower-cased, connection fields dropped."""
+    out = [(b":status", str(response.status).encode("ascii"))]
+    nominated: frozenset[str] = frozenset()
+    for name, value in response.headers:
+        if name.lower() == "connection":
+            nominated = nominated | {t.strip().lower() for t in value.split(",")}
+    for name, value in response.headers:
+        lowered = name.lower()
+        if lowered in _CONNECTION_FIELDS or lowered in nominated or lowered[:1] == ":":
+            continue
+        out.append((lowered.encode("latin-1"), value.encode("latin-1")))
+    return out
+
+
+# --------------------------------------------------------------------------- certificates
+
+
+@dataclass(frozen=True)
+class QuicCertificate:
+    """A server certificate for the QUIC side of one listener port.
+
+    ``hosts`` are the Gateway server's host names ("*.example.com" and "*" allowed);
+    the first certificate of a listener is the default for a ClientHello without SNI
+    or with a name no certificate covers (as the TLS side does)."""
+
+    hosts: tuple[str, ...]
+    certificate: Any  # cryptography x509.Certificate
+    chain: tuple[Any, ...]
+    private_key: Any
+
+    def covers(self, server_name: str) -> bool:
+        for host in self.hosts:
+            if host == "*" or host == server_name:
+                return True
+            if host.startswith("*.") and server_name.endswith(host[1:]):
+                return True
+        return False
+
+
+def load_quic_certificate(
+    certfile: str, keyfile: str, hosts: Sequence[str] = ("*",)
+) -> QuicCertificate:
+    """Read a PEM certificate chain and key (raises OSError / ValueError when unreadable)."""
+    holder = QuicConfiguration(is_client=False)
+    holder.load_cert_chain(certfile, keyfile)
+    return QuicCertificate(
+        hosts=tuple(h.lower() for h in hosts),
+        certificate=holder.certificate,
+        chain=tuple(holder.certificate_chain),
+        private_key=holder.private_key,
+    )
+
+
+def quic_configuration(
+    certificates: Sequence[QuicCertificate], settings: ServerSettings
+) -> QuicConfiguration:
+    """The server-side aioquic configuration for one listener."""
+    if not certificates:
+        raise ValueError("a QUIC listener needs at least one certificate")
+    default = certificates[0]
+    config = QuicConfiguration(
+        is_client=False,
+        alpn_protocols=list(H3_ALPN),
+        idle_timeout=settings.idle_timeout_s,
+        max_data=CONNECTION_WINDOW_BYTES,
+        max_stream_data=STREAM_WINDOW_BYTES,
+    )
+    config.certificate = default.certificate
+    config.certificate_chain = list(default.chain)
+    config.private_key = default.private_key
+    return config
+
+
+# --------------------------------------------------------------------------- H3 layer
+
+
+class _H3Connection(H3Connection):
+    """aioquic's HTTP/3 layer, advertising our header limit in SETTINGS."""
+
+    def __init__(self, quic: Any, max_field_section_bytes: int) -> None:
+        self._max_field_section_bytes = max_field_section_bytes
+        super().__init__(quic)
+
+    def _get_local_settings(self) -> dict[int, int]:
+        local = super()._get_local_settings()
+        local[Setting.MAX_FIELD_SECTION_SIZE] = self._max_field_section_bytes
+        return local
+
+    def send_goaway(self, stream_id: int) -> None:
+        """GOAWAY on our control stream: streams from ``stream_id`` on are not processed."""
+        control = self._local_control_stream_id
+        if control is not None:
+            self._quic.send_stream_data(
+                control, encode_frame(FrameType.GOAWAY, _encode_varint(stream_id))
+            )
+
+
+class H3Stream:
+    """One HTTP/3 request stream as a ``DownstreamStream`` (``gateway.server.events``).
+
+    Request body chunks wait in a small deque until ``read_body`` takes them; the
+    stream's receive window only moves forward as they are taken. ``send_body`` queues
+    response data with aioquic and then waits while too much of it is unacknowledged."""
+
+    __slots__ = (
+        "_buffered_bytes",
+        "_chunks",
+        "_local_ended",
+        "_proto",
+        "_read_waiter",
+        "_received_bytes",
+        "_remote_ended",
+        "_reset_code",
+        "_response_started",
+        "_send_waiter",
+        "_task",
+        "head",
+        "stream_id",
+        "trailers",
+    )
+
+    def __init__(self, proto: H3Protocol, stream_id: int, head: RequestHead) -> None:
+        self.head = head
+        self.stream_id = stream_id
+        self.trailers: list[tuple[str, str]] | None = None
+        self._proto = proto
+        self._chunks: deque[bytes] = deque()
+        self._buffered_bytes = 0  # body received and not yet read by the pipeline
+        self._received_bytes = 0
+        self._remote_ended = False
+        self._local_ended = False
+        self._response_started = False
+        self._reset_code: int | None = None
+        self._read_waiter: asyncio.Future[None] | None = None
+        self._send_waiter: asyncio.Future[None] | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    # -- the DownstreamStream interface ---------------------------------------------
+
+    async def read_body(self) -> bytes:
+        """Next chunk of the request body; ``b""`` once it has ended."""
+        while True:
+            if self._reset_code is not None:
+                raise StreamReset(f"stream {self.stream_id} was reset", self._reset_code)
+            if self._chunks:
+                data = self._chunks.popleft()
+                self._buffered_bytes -= len(data)
+                self._proto._window_opened(self)
+                return data
+            if self._remote_ended:
+                return b""
+            waiter = self._proto._loop.create_future()
+            self._read_waiter = waiter
+            try:
+                await waiter
+            finally:
+                self._read_waiter = None
+
+    def body_complete(self) -> bool:
+        return self._remote_ended and not self._chunks
+
+    async def send_head(self, response: ResponseHead, end_stream: bool) -> None:
+        self._check_open()
+        try:
+            self._proto._h3.send_headers(
+                self.stream_id, _response_headers(response), end_stream=end_stream
+            )
+        except Exception as exc:  # aioquic: stream finished, reset or in a wrong state
+            raise StreamReset(f"stream {self.stream_id} cannot send: {exc}") from exc
+        if response.status >= 200:
+            self._response_started = True
+        if end_stream:
+            self._local_ended = True
+        self._proto._transmit_soon()
+
+    async def send_response(self, response: ResponseHead, body: bytes) -> None:
+        """A whole response in one go (the pipeline's fast path for small bodies)."""
+        self._check_open()
+        proto = self._proto
+        try:
+            proto._h3.send_headers(self.stream_id, _response_headers(response), end_stream=False)
+            self._response_started = True
+            proto._h3.send_data(self.stream_id, body, end_stream=True)
+        except Exception as exc:
+            raise StreamReset(f"stream {self.stream_id} cannot send: {exc}") from exc
+        self._local_ended = True
+        proto._transmit_soon()
+        if len(body) > proto._settings.write_buffer_high_bytes:
+            await self._wait_acknowledged()
+
+    async def send_body(self, data: bytes, end_stream: bool) -> None:
+        """Queue ``data``; awaits while more than the high-water mark is unacknowledged."""
+        self._check_open()
+        proto = self._proto
+        high = proto._settings.write_buffer_high_bytes
+        total = len(data)
+        offset = 0
+        try:
+            if total == 0:
+                if end_stream:
+                    proto._h3.send_data(self.stream_id, b"", end_stream=True)
+                    self._local_ended = True
+                    proto._transmit_soon()
+                return
+            view = memoryview(data)
+            while offset < total:
+                self._check_open()
+                end = min(total, offset + high)
+                last = end == total
+                proto._h3.send_data(
+                    self.stream_id, bytes(view[offset:end]), end_stream=end_stream and last
+                )
+                offset = end
+                proto._transmit_soon()
+                if proto._unacknowledged(self.stream_id) > high:
+                    await self._wait_acknowledged()
+        except StreamReset:
+            raise
+        except Exception as exc:
+            raise StreamReset(f"stream {self.stream_id} cannot send: {exc}") from exc
+        if end_stream:
+            self._local_ended = True
+
+    async def send_trailers(self, headers: list[tuple[str, str]]) -> None:
+        """End the response with trailers (gRPC status travels this way)."""
+        self._check_open()
+        fields = [(n.lower().encode("latin-1"), v.encode("latin-1")) for n, v in headers]
+        try:
+            self._proto._h3.send_headers(self.stream_id, fields, end_stream=True)
+        except Exception as exc:
+            raise StreamReset(f"stream {self.stream_id} cannot send: {exc}") from exc
+        self._local_ended = True
+        self._proto._transmit_soon()
+
+    def reset(self, error_code: int = H3_INTERNAL_ERROR) -> None:
+        """Abort the exchange (RESET_STREAM and STOP_SENDING); other streams go on."""
+        if self._reset_code is None:
+            self._proto._reset_stream(self, error_code)
+
+    # -- called by H3Protocol ---------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._reset_code is not None:
+            raise StreamReset(f"stream {self.stream_id} was reset", self._reset_code)
+
+    def _abort(self, error_code: int) -> None:
+        if self._reset_code is None:
+            self._reset_code = error_code
+        self._chunks.clear()
+        self._buffered_bytes = 0
+        _wake(self._read_waiter)
+        _wake(self._send_waiter)
+
+    async def _wait_acknowledged(self) -> None:
+        proto = self._proto
+        low = proto._settings.write_buffer_high_bytes // 4
+        while proto._unacknowledged(self.stream_id) > low:
+            self._check_open()
+            waiter = proto._loop.create_future()
+            self._send_waiter = waiter
+            proto._send_blocked.add(self)
+            try:
+                await waiter
+            finally:
+                self._send_waiter = None
+                proto._send_blocked.discard(self)
+        self._check_open()
+
+
+class H3Protocol(QuicConnectionProtocol):
+    """One downstream QUIC connection carrying HTTP/3.
+
+    Created by aioquic's ``QuicServer`` for each new connection (see ``serve_quic``),
+    with the meshgate arguments bound by ``functools.partial``."""
+
+    def __init__(
+        self,
+        quic: Any,
+        stream_handler: Any = None,
+        *,
+        handler: RequestHandler,
+        settings: ServerSettings,
+        port: int,
+        certificates: Sequence[QuicCertificate] = (),
+        on_close: Callable[[H3Protocol], None] | None = None,
+    ) -> None:
+        super().__init__(quic, stream_handler)
+        self._handler = handler
+        self._settings = settings
+        self._port = port
+        self._certificates = tuple(certificates)
+        self.on_close = on_close
+        self._h3: _H3Connection = None  # type: ignore[assignment]  # set on ALPN h3
+        self._streams: dict[int, H3Stream] = {}
+        self._send_blocked: set[H3Stream] = set()
+        self._going_away = False
+        self._goaway_stream_id = 0
+        self._highest_stream_id = -4
+        self._terminated = False
+        self._peer = ""
+        self._tune(quic)
+
+    # -- aioquic private parts, in one place ------------------------------------------
+
+    def _tune(self, quic: Any) -> None:
+        """The three places where aioquic offers no public knob; see the module notes."""
+        # Streams a client may have open at once: QUIC's MAX_STREAMS credit, which
+        # aioquic raises by one as each stream is fully closed.
+        limit = quic._local_max_streams_bidi
+        limit.value = limit.sent = self._settings.max_concurrent_streams
+        # Receive windows that follow what the pipeline has read.
+        original_limits = quic._write_stream_limits
+
+        def write_stream_limits(builder: Any, space: Any, stream: Any) -> None:
+            h3_stream = self._streams.get(stream.stream_id)
+            if h3_stream is not None and stream.max_stream_data_local:
+                # What the client may send: everything received so far, less what
+                # still waits to be read, plus one window.
+                wanted = (
+                    stream.receiver.highest_offset - h3_stream._buffered_bytes + STREAM_WINDOW_BYTES
+                )
+                if wanted > stream.max_stream_data_local:
+                    stream.max_stream_data_local = wanted
+                if stream.max_stream_data_local_sent == stream.max_stream_data_local:
+                    return
+                # aioquic only doubles the window when it is half used; ours has just
+                # been set past that, so the original writer sends it unchanged.
+                saved_highest = stream.receiver.highest_offset
+                try:
+                    stream.receiver.highest_offset = min(
+                        saved_highest, stream.max_stream_data_local // 2
+                    )
+                    original_limits(builder=builder, space=space, stream=stream)
+                finally:
+                    stream.receiver.highest_offset = saved_highest
+                return
+            original_limits(builder=builder, space=space, stream=stream)
+
+        quic._write_stream_limits = write_stream_limits
+        if len(self._certificates) > 1:
+            original_initialize = quic._initialize
+
+            def initialize(peer_cid: bytes) -> None:
+                original_initialize(peer_cid)
+                self._choose_certificate_by_sni(quic.tls)
+
+            quic._initialize = initialize
+
+    def _choose_certificate_by_sni(self, tls: Any) -> None:
+        original_hello = tls._server_handle_hello
+        certificates = self._certificates
+
+        def server_handle_hello(input_buf: Buffer, initial_buf: Buffer, hs_buf: Buffer) -> None:
+            start = input_buf.tell()
+            try:
+                server_name = (pull_client_hello(input_buf).server_name or "").lower()
+            except Exception:  # malformed: the real handler reports it
+                server_name = ""
+            input_buf.seek(start)
+            chosen = next((c for c in certificates if c.covers(server_name)), certificates[0])
+            tls.certificate = chosen.certificate
+            tls.certificate_chain = list(chosen.chain)
+            tls.certificate_private_key = chosen.private_key
+            original_hello(input_buf, initial_buf, hs_buf)
+
+        tls._server_handle_hello = server_handle_hello
+
+    def _window_opened(self, stream: H3Stream) -> None:
+        """The pipeline read body: when that frees a good part of a window, send the
+        MAX_STREAM_DATA soon rather than with the next datagram, since a client that
+        has used up its window sends nothing that would make us transmit."""
+        quic_stream = self._quic._streams.get(stream.stream_id)
+        if quic_stream is None:
+            return
+        wanted = quic_stream.receiver.highest_offset - stream._buffered_bytes + STREAM_WINDOW_BYTES
+        if wanted - quic_stream.max_stream_data_local_sent >= STREAM_WINDOW_BYTES // 4:
+            self._transmit_soon()
+
+    def _unacknowledged(self, stream_id: int) -> int:
+        """Response bytes queued with aioquic and not yet acknowledged by the client."""
+        stream = self._quic._streams.get(stream_id)
+        if stream is None:
+            return 0
+        sender = stream.sender
+        return sender._buffer_stop - sender._buffer_start
+
+    # -- asyncio / aioquic hooks --------------------------------------------------------
+
+    def datagram_received(self, data: bytes | str, addr: Any) -> None:
+        if not self._peer and isinstance(addr, tuple):
+            self._peer = str(addr[0])
+        super().datagram_received(data, addr)
+
+    def transmit(self) -> None:
+        super().transmit()
+        if self._going_away and not self._streams and not self._terminated:
+            self._close_when_delivered()
+        if self._send_blocked:
+            # Acknowledgements arrive with datagrams, and every datagram ends in a
+            # transmit: the place to let waiting senders go on.
+            low = self._settings.write_buffer_high_bytes // 4
+            for stream in tuple(self._send_blocked):
+                if stream._reset_code is not None or self._unacknowledged(stream.stream_id) <= low:
+                    _wake(stream._send_waiter)
+
+    def quic_event_received(self, event: quic_events.QuicEvent) -> None:
+        if isinstance(event, quic_events.ProtocolNegotiated):
+            if event.alpn_protocol in H3_ALPN and self._h3 is None:
+                self._h3 = _H3Connection(self._quic, self._settings.max_request_header_bytes)
+            return
+        if isinstance(event, quic_events.ConnectionTerminated):
+            self._connection_gone()
+            return
+        if isinstance(event, quic_events.StreamReset):
+            stream = self._streams.get(event.stream_id)
+            if stream is not None:
+                stream._abort(event.error_code)
+        elif isinstance(event, quic_events.StopSendingReceived):
+            # The client will not read the response: aioquic resets our side.
+            stream = self._streams.get(event.stream_id)
+            if stream is not None:
+                stream._abort(event.error_code)
+        if self._h3 is None:
+            return
+        for h3_event in self._h3.handle_event(event):
+            if isinstance(h3_event, DataReceived):
+                self._on_data(h3_event)
+            elif isinstance(h3_event, HeadersReceived):
+                self._on_headers(h3_event)
+
+    # -- requests -----------------------------------------------------------------------
+
+    def _on_headers(self, event: HeadersReceived) -> None:
+        stream_id = event.stream_id
+        stream = self._streams.get(stream_id)
+        if stream is not None:
+            # A second HEADERS frame on a request stream carries trailers.
+            stream.trailers = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in event.headers]
+            if event.stream_ended:
+                self._remote_end(stream)
+            return
+        if stream_id > self._highest_stream_id:
+            self._highest_stream_id = stream_id
+        if self._going_away and stream_id >= self._goaway_stream_id:
+            self._refuse(stream_id, H3_REQUEST_REJECTED)
+            return
+
+        settings = self._settings
+        method = path = authority = scheme = None
+        content_length: bytes | None = None
+        fields: list[tuple[str, str]] = []
+        cookies: list[bytes] | None = None
+        cookie_at = 0
+        section_bytes = 0
+        for name, value in event.headers:
+            # RFC 9114 §4.2.2: a field counts its name, its value and 32 octets.
+            section_bytes += len(name) + len(value) + 32
+            if name[:1] == b":":  # aioquic has checked which pseudo-headers may appear
+                if name == b":method":
+                    method = value
+                elif name == b":path":
+                    path = value
+                elif name == b":authority":
+                    authority = value
+                elif name == b":scheme":
+                    scheme = value
+            elif name == b"cookie":
+                # RFC 9114 §4.2.1: crumbs are joined with "; " for HTTP/1.1 upstreams.
+                if cookies is None:
+                    cookies = []
+                    cookie_at = len(fields)
+                cookies.append(value)
+            else:
+                if name == b"content-length":
+                    content_length = value
+                fields.append((name.decode("latin-1"), value.decode("latin-1")))
+        if cookies is not None:
+            fields.insert(cookie_at, ("cookie", b"; ".join(cookies).decode("latin-1")))
+
+        if (
+            section_bytes > settings.max_request_header_bytes
+            or len(fields) > settings.max_request_headers
+        ):
+            self._respond_locally(stream_id, 431, b"request header fields too large\n")
+            return
+        if (
+            content_length is not None
+            and content_length.isdigit()
+            and int(content_length) > settings.max_request_body_bytes
+        ):
+            self._respond_locally(stream_id, 413, b"request body too large\n")
+            return
+
+        raw_path = path.decode("latin-1") if path is not None else ""
+        path_only, _, query = raw_path.partition("?")
+        if authority is not None:
+            authority_text = authority.decode("latin-1")
+        else:
+            authority_text = next((v for n, v in fields if n == "host"), "")
+        head = RequestHead(
+            method=method.decode("latin-1") if method is not None else "",
+            path=path_only,
+            query=query,
+            authority=authority_text,
+            scheme=scheme.decode("latin-1") if scheme is not None else "https",
+            headers=fields,
+            http_version="3",
+            port=self._port,
+            peer=self._peer,
+        )
+        stream = H3Stream(self, stream_id, head)
+        if event.stream_ended:
+            stream._remote_ended = True
+        self._streams[stream_id] = stream
+        stream._task = self._loop.create_task(self._run(stream))
+
+    def _on_data(self, event: DataReceived) -> None:
+        stream = self._streams.get(event.stream_id)
+        if stream is None or stream._reset_code is not None:
+            return  # answered locally or aborted: nobody reads it
+        data = event.data
+        if data:
+            stream._received_bytes += len(data)
+            if stream._received_bytes > self._settings.max_request_body_bytes:
+                self._reject_body(stream)
+                return
+            stream._chunks.append(data)
+            stream._buffered_bytes += len(data)
+        if event.stream_ended:
+            self._remote_end(stream)
+        else:
+            _wake(stream._read_waiter)
+
+    def _remote_end(self, stream: H3Stream) -> None:
+        stream._remote_ended = True
+        _wake(stream._read_waiter)
+
+    async def _run(self, stream: H3Stream) -> None:
+        try:
+            await self._handler(stream)
+        except StreamReset:
+            pass
+        except Exception:
+            # The pipeline maps its own errors to responses; this is the backstop.
+            logger.exception("request pipeline failed on HTTP/3 stream %d", stream.stream_id)
+            if not self._terminated and stream._reset_code is None:
+                if stream._response_started:
+                    self._reset_stream(stream, H3_INTERNAL_ERROR)
+                else:
+                    self._respond_locally(stream.stream_id, 500, b"internal error\n")
+                    stream._local_ended = True
+                    stream._abort(H3_NO_ERROR)
+        finally:
+            self._finish(stream)
+
+    def _finish(self, stream: H3Stream) -> None:
+        self._streams.pop(stream.stream_id, None)
+        self._send_blocked.discard(stream)
+        if not self._terminated:
+            if stream._reset_code is None:
+                if not stream._local_ended:
+                    # The pipeline returned without completing the response.
+                    self._reset_stream(stream, H3_INTERNAL_ERROR)
+                elif not stream._remote_ended:
+                    # RFC 9114 §4.1: after a complete response the server may ask the
+                    # client to stop sending the rest of the request, without error.
+                    self._stop_receiving(stream.stream_id, H3_NO_ERROR)
+            self._transmit_soon()
+
+    def _reset_stream(self, stream: H3Stream, error_code: int) -> None:
+        if not self._terminated:
+            with contextlib.suppress(Exception):
+                self._quic.reset_stream(stream.stream_id, error_code)
+            self._stop_receiving(stream.stream_id, error_code)
+            self._transmit_soon()
+        stream._abort(error_code)
+
+    def _stop_receiving(self, stream_id: int, error_code: int) -> None:
+        # ValueError: the stream is already gone on aioquic's side.
+        with contextlib.suppress(ValueError):
+            self._quic.stop_stream(stream_id, error_code)
+
+    def _refuse(self, stream_id: int, error_code: int) -> None:
+        with contextlib.suppress(Exception):
+            self._quic.reset_stream(stream_id, error_code)
+        self._stop_receiving(stream_id, error_code)
+        self._transmit_soon()
+
+    def _reject_body(self, stream: H3Stream) -> None:
+        """The body grew past ``max_request_body_bytes``: 413 if nothing has been sent
+        yet, a reset otherwise; either way the pipeline's next call raises."""
+        if stream._response_started or stream._local_ended:
+            self._reset_stream(stream, H3_REQUEST_CANCELLED)
+            return
+        self._respond_locally(stream.stream_id, 413, b"request body too large\n")
+        stream._local_ended = True
+        stream._abort(H3_NO_ERROR)
+
+    def _respond_locally(self, stream_id: int, status: int, body: bytes) -> None:
+        """A short plain-text answer from the adapter itself; the rest of the request
+        is refused with STOP_SENDING."""
+        headers = [
+            (b":status", str(status).encode("ascii")),
+            (b"content-type", b"text/plain"),
+            (b"content-length", str(len(body)).encode("ascii")),
+        ]
+        try:
+            self._h3.send_headers(stream_id, headers, end_stream=False)
+            self._h3.send_data(stream_id, body, end_stream=True)
+        except Exception:  # the stream is already finished or reset
+            pass
+        self._stop_receiving(stream_id, H3_NO_ERROR)
+        self._transmit_soon()
+
+    # -- closing ------------------------------------------------------------------------
+
+    def shutdown(self) -> None:
+        """Graceful stop: GOAWAY naming the first stream we will not process; the
+        streams already received finish, then the connection closes."""
+        if self._terminated:
+            return
+        if not self._going_away:
+            self._going_away = True
+            self._goaway_stream_id = self._highest_stream_id + 4
+            if self._h3 is not None:
+                self._h3.send_goaway(self._goaway_stream_id)
+            self.transmit()
+        self._close_when_delivered()
+
+    def _close_when_delivered(self) -> None:
+        """After GOAWAY: close once no stream runs and every response has been
+        acknowledged (CONNECTION_CLOSE discards whatever is still unsent)."""
+        if self._streams or self._terminated:
+            return
+        for stream_id, quic_stream in self._quic._streams.items():
+            if stream_id % 4 == 0 and not quic_stream.sender.is_finished:
+                return
+        self._connection_gone()  # first: close() transmits, which would come back here
+        self.close(H3_NO_ERROR)
+
+    def abort(self) -> None:
+        """Stop now: CONNECTION_CLOSE, every stream's pipeline sees StreamReset."""
+        if self._terminated:
+            return
+        self._connection_gone()
+        self.close(H3_NO_ERROR)
+
+    @property
+    def active_streams(self) -> int:
+        """Streams whose pipeline task is still running."""
+        return len(self._streams)
+
+    def _connection_gone(self) -> None:
+        if self._terminated:
+            return
+        self._terminated = True
+        for stream in tuple(self._streams.values()):
+            stream._abort(H3_REQUEST_CANCELLED)
+        on_close, self.on_close = self.on_close, None
+        if on_close is not None:
+            on_close(self)
+
+
+# --------------------------------------------------------------------------- listener
+
+
+class QuicListener:
+    """One UDP socket serving HTTP/3, and its live connections."""
+
+    def __init__(
+        self,
+        handler: RequestHandler,
+        settings: ServerSettings,
+        certificates: Sequence[QuicCertificate],
+    ) -> None:
+        self.handler = handler
+        self.settings = settings
+        self.certificates = tuple(certificates)
+        self.configuration = quic_configuration(self.certificates, settings)
+        self.port = 0
+        self.server: QuicServer | None = None
+        self.connections: set[H3Protocol] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._advertised = False
+        self._stopped = False
+
+    def _create_protocol(self, quic: Any, stream_handler: Any = None) -> H3Protocol:
+        """aioquic's ``create_protocol``: one ``H3Protocol`` per new connection."""
+        proto = H3Protocol(
+            quic,
+            stream_handler,
+            handler=self.handler,
+            settings=self.settings,
+            port=self.port,
+            certificates=self.certificates,
+            on_close=self._closed,
+        )
+        self.connections.add(proto)
+        self._idle.clear()
+        return proto
+
+    def _closed(self, proto: H3Protocol) -> None:
+        self.connections.discard(proto)
+        if not self.connections:
+            self._idle.set()
+
+    def update_certificates(self, certificates: Sequence[QuicCertificate]) -> None:
+        """New connections use these (a certificate rotated on disk); open ones keep theirs."""
+        if not certificates:
+            raise ValueError("a QUIC listener needs at least one certificate")
+        default = certificates[0]
+        # aioquic's server hands this same configuration object to every new connection.
+        self.configuration.certificate = default.certificate
+        self.configuration.certificate_chain = list(default.chain)
+        self.configuration.private_key = default.private_key
+        self.certificates = tuple(certificates)
+
+    async def stop(self, drain_s: float = 5.0) -> None:
+        """Stop advertising, send GOAWAY, let streams finish (at most ``drain_s``),
+        then close whatever is left and the socket."""
+        if self._stopped:
+            return
+        self._stopped = True
+        if self._advertised:
+            self._advertised = False
+            altsvc.withdraw(self.port)
+        for proto in tuple(self.connections):
+            proto.shutdown()
+        if self.connections:
+            try:
+                async with asyncio.timeout(drain_s):
+                    await self._idle.wait()
+            except TimeoutError:
+                pass
+        for proto in tuple(self.connections):
+            proto.abort()
+        if self.server is not None:
+            # Sends CONNECTION_CLOSE for whatever it still tracks, closes the socket.
+            self.server.close()
+
+
+async def serve_quic(
+    address: str,
+    port: int,
+    certificates: Sequence[QuicCertificate],
+    handler: RequestHandler,
+    settings: ServerSettings,
+    *,
+    advertise: bool = True,
+) -> QuicListener:
+    """Bind UDP ``address:port`` and serve HTTP/3 on it through ``handler``.
+
+    The socket uses ``SO_REUSEPORT`` like the TCP listeners, so several workers share
+    the port (the kernel keeps a client's datagrams on one worker). With
+    ``advertise``, responses on the TCP side of the port carry ``alt-svc`` from the
+    moment the socket is bound until ``stop``. Raises OSError when the port cannot be
+    bound, ValueError without a certificate."""
+    loop = asyncio.get_running_loop()
+    listener = QuicListener(handler, settings, certificates)
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    transport, server = await loop.create_datagram_endpoint(
+        lambda: QuicServer(
+            configuration=listener.configuration, create_protocol=listener._create_protocol
+        ),
+        local_addr=(address, port),
+        family=family,
+        reuse_port=True,
+    )
+    listener.server = server
+    # Port 0 (tests): requests must carry the real port, and alt-svc name it.
+    listener.port = transport.get_extra_info("sockname")[1]
+    if advertise:
+        listener._advertised = True
+        altsvc.advertise(listener.port)
+    return listener
