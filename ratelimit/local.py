@@ -1,0 +1,187 @@
+"""In-process token buckets: GCRA over a fixed-size table in shared memory.
+
+    gcra(tat_us, now_us, interval_us, burst) -> Outcome      the arithmetic, pure
+    LocalBuckets(slots, shared=...)                           the table and its lock
+      .take(key, interval_us, burst, now_us=None) -> Outcome
+
+**Algorithm.** GCRA (the "generic cell rate algorithm"), which is a token bucket
+written as one number per key: the *theoretical arrival time* (TAT), the moment the
+bucket would be full again. A request at ``now`` is allowed when, after adding one
+emission interval ``T = period / requests``, the TAT is at most ``burst * T`` ahead
+of ``now``. So a fresh key may send ``burst`` requests back to back, then one every
+``T``. All times are integer microseconds, so the boundary is exact (no float
+rounding decides whether request N+1 passes) and the same arithmetic runs in the
+Redis script.
+
+**Memory.** The table has a fixed number of slots chosen at start-up (default
+65 536, 16 bytes each: 1 MiB). A slot whose TAT is in the past describes a full
+bucket, which is exactly the state of a key never seen, so it is free to reuse:
+idle keys expire by themselves, with no sweeper. A key is looked for in a short
+probe window (``PROBE`` slots from its hash); when every slot there holds a live
+bucket, the one nearest to full (smallest TAT) is evicted and ``evictions`` counts
+it. A flood of distinct keys (one per client IP) therefore never grows memory; its
+cost is that an evicted key starts again from a full bucket, i.e. the limiter errs
+on the side of letting a request through, never of refusing one it should allow.
+
+**Workers.** The table lives in an anonymous ``MAP_SHARED`` mapping created before
+the gateway forks its workers, so every worker reads and writes the same buckets and
+the limit is the gateway's, not N times it. A process-shared lock (a POSIX
+semaphore) guards the few array reads and writes of one decision; with one worker
+the lock is skipped altogether. Keys are hashed with Python's ``hash`` (keyed
+SipHash, so a client cannot aim collisions at a slot); forked workers share the hash
+seed, which is what makes their slot numbers agree.
+
+This module knows nothing of HTTP or of configuration: it is handed a key string and
+a rate.
+"""
+
+from __future__ import annotations
+
+import mmap
+import multiprocessing
+import time
+from collections.abc import Callable
+from typing import NamedTuple
+
+__all__ = ["PROBE", "LocalBuckets", "Outcome", "gcra", "monotonic_us"]
+
+PROBE = 8  # slots searched per key: bounds the work of one decision
+
+
+class Outcome(NamedTuple):
+    """One decision. Times are microseconds from now."""
+
+    allowed: bool
+    remaining: int  # requests still allowed right now, after this one
+    reset_us: int  # until the bucket is full again
+    retry_after_us: int  # until the next request would pass (0 when allowed)
+
+
+def monotonic_us() -> int:
+    """The local clock: CLOCK_MONOTONIC, the same in every process of the machine."""
+    return time.monotonic_ns() // 1000
+
+
+def gcra(tat_us: int, now_us: int, interval_us: int, burst: int) -> tuple[int, Outcome]:
+    """The new TAT and the outcome of one request at ``now_us``.
+
+    ``tat_us`` below ``now_us`` (including 0 for a key never seen) means a full
+    bucket. A refused request leaves the TAT unchanged: it spends nothing.
+    """
+    tat = tat_us if tat_us > now_us else now_us
+    new_tat = tat + interval_us
+    ahead = new_tat - now_us
+    capacity = interval_us * burst
+    if ahead <= capacity:
+        return new_tat, Outcome(True, (capacity - ahead) // interval_us, ahead, 0)
+    return tat, Outcome(False, 0, tat - now_us, ahead - capacity)
+
+
+class _NoLock:
+    """Stands in for the lock when one process owns the table: decisions are
+    synchronous, so within one event loop nothing can interleave them."""
+
+    def acquire(self, block: bool = True, timeout: float | None = None) -> bool:
+        return True
+
+    def release(self) -> None:
+        return None
+
+
+class LocalBuckets:
+    """A bounded GCRA table, optionally shared by forked worker processes."""
+
+    def __init__(
+        self,
+        slots: int = 65536,
+        *,
+        shared: bool = False,
+        clock: Callable[[], int] = monotonic_us,
+        lock_timeout_s: float = 0.05,
+    ) -> None:
+        if slots < PROBE or slots & (slots - 1):
+            raise ValueError(f"slots must be a power of two >= {PROBE}, not {slots}")
+        self.slots = slots
+        self.clock = clock
+        self.shared = shared
+        self.lock_timeout_s = lock_timeout_s
+        # Anonymous mmap is MAP_SHARED on Linux: forked children see one table.
+        self._map = mmap.mmap(-1, slots * 16)
+        self._view = memoryview(self._map)
+        self._keys = self._view[: slots * 8].cast("q")
+        self._tats = self._view[slots * 8 :].cast("q")
+        self._mask = slots - 1
+        self._lock = multiprocessing.get_context("fork").Lock() if shared else _NoLock()
+        # Per-process counters, read by the metrics endpoint and tests.
+        self.decisions = 0
+        self.evictions = 0
+        self.lock_timeouts = 0
+
+    @property
+    def memory_bytes(self) -> int:
+        """Fixed at construction: the table never grows."""
+        return self.slots * 16
+
+    def take(self, key: str, interval_us: int, burst: int, now_us: int | None = None) -> Outcome:
+        """Spend one token of ``key``'s bucket if it has one."""
+        if now_us is None:
+            now_us = self.clock()
+        h = hash(key) or 1  # 0 marks an empty slot
+        keys = self._keys
+        tats = self._tats
+        mask = self._mask
+        start = h & mask
+        lock = self._lock
+        if not lock.acquire(True, self.lock_timeout_s):
+            # A worker died inside the critical section (SIGKILL): rather than stall
+            # every request behind a lock nobody will release, let this one through.
+            self.lock_timeouts += 1
+            return Outcome(True, 0, 0, 0)
+        try:
+            slot = -1
+            free = -1
+            oldest = -1
+            oldest_tat = 0
+            for i in range(PROBE):
+                j = (start + i) & mask
+                k = keys[j]
+                if k == h:
+                    slot = j
+                    break
+                tat = tats[j]
+                if k == 0 or tat <= now_us:
+                    if free < 0:
+                        free = j
+                elif oldest < 0 or tat < oldest_tat:
+                    oldest = j
+                    oldest_tat = tat
+            if slot >= 0:
+                tat = tats[slot]
+            elif free >= 0:
+                slot = free
+                tat = 0
+            else:
+                slot = oldest
+                tat = 0
+                self.evictions += 1
+            new_tat, outcome = gcra(tat, now_us, interval_us, burst)
+            if outcome.allowed:
+                keys[slot] = h
+                tats[slot] = new_tat
+            self.decisions += 1
+            return outcome
+        finally:
+            lock.release()
+
+    def live_keys(self, now_us: int | None = None) -> int:
+        """How many slots hold a bucket that is not yet full (a scan; for tests/metrics)."""
+        if now_us is None:
+            now_us = self.clock()
+        keys, tats = self._keys, self._tats
+        return sum(1 for j in range(self.slots) if keys[j] and tats[j] > now_us)
+
+    def close(self) -> None:
+        self._keys.release()
+        self._tats.release()
+        self._view.release()
+        self._map.close()
