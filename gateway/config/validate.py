@@ -28,6 +28,7 @@ from .durations import DurationError, parse_duration_s
 from .errors import ConfigError, ConfigErrors, Model
 from .hosts import MESH_GATEWAY, expand_host, gateway_ref, host_matches, split_server_host
 from .parse import child_path
+from .quic import http3_exclusion
 from .resources import (
     ClientTLSSettings,
     ConnectionPoolSettings,
@@ -276,6 +277,10 @@ def _check_gateway(r: _Report, spec: GatewaySpec) -> None:
                 r.error(p, f"{protocol} servers need tls settings")
         else:
             _check_server_tls(r, f"{p}.tls", server.tls, protocol)
+            # Reported, never dropped in silence: what the QUIC listener will not serve.
+            excluded = http3_exclusion(protocol, server.tls.mode, server.tls.max_protocol_version)
+            if excluded is not None:
+                r.warn(f"{p}.tls.{excluded[0]}", excluded[1])
             r.warn(f"{p}.tls", NOT_ENFORCED)
 
 
