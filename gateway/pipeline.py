@@ -17,6 +17,7 @@ from time import perf_counter
 from typing import Any, Protocol
 
 from .errors import DownstreamDisconnected, GatewayError, InternalError, respond_to
+from .metrics import RequestMetrics
 from .routing.table import Snapshot
 from .server.events import DownstreamStream, ResponseHead, StreamReset
 from .stages import (
@@ -31,14 +32,13 @@ from .stages import (
     UpstreamStage,
     finish_response_headers,
 )
-from .telemetry import AccessLog, rfc3339
+from .telemetry import AccessLog
+from .tracing import OtlpExporter, TraceStage
 from .upstream.pool import UpstreamPools
 
 __all__ = ["Pipeline", "SnapshotSource"]
 
 log = logging.getLogger("meshgate.pipeline")
-
-_PROTOCOLS = {"1.1": "HTTP/1.1", "1.0": "HTTP/1.0", "2": "HTTP/2", "3": "HTTP/3"}
 
 
 class SnapshotSource(Protocol):
@@ -51,11 +51,28 @@ class Pipeline:
     """Runs every request through the stages, in this order."""
 
     def __init__(
-        self, snapshots: SnapshotSource, pools: UpstreamPools, access_log: AccessLog
+        self,
+        snapshots: SnapshotSource,
+        pools: UpstreamPools,
+        access_log: AccessLog,
+        *,
+        metrics: RequestMetrics | None = None,
+        tracing: TraceStage | None = None,
+        exporter: OtlpExporter | None = None,
+        security: Any = None,
     ) -> None:
         self.snapshots = snapshots
         self.access_log = access_log
+        self.metrics = metrics
+        self.exporter = exporter
         self.upstream = UpstreamStage(pools)
+        # authn.runtime.SecurityRuntime: JWT keys, token cache, decision counters.
+        self.security = security
+        security_stages: tuple[Any, ...] = ()
+        if security is not None:
+            from authn.stages import AuthzStage, JwtAuthnStage
+
+            security_stages = (JwtAuthnStage(security), AuthzStage(security))
         self.stages = (
             # The id first, so that every later log line and refusal can carry it.
             RequestIdStage(),
@@ -65,6 +82,14 @@ class Pipeline:
             # Hop-by-hop headers out before matching, so a route can never match on
             # (or forward) what only described the downstream connection.
             HopByHopStage(),
+            # Trace headers once the request is clean and before routing, so that
+            # refused and locally answered requests are part of the trace too.
+            *((tracing,) if tracing is not None else ()),
+            # JWT authentication, then authorization, before routing: where Envoy puts
+            # jwt_authn and rbac (ahead of its router) for Istio. Verified claims can
+            # then choose a route (@request.auth.claims), and a refused request never
+            # costs a route lookup. Both return at once when no policy is bound.
+            *security_stages,
             # Routing needs the request as the client sent it (host, path, headers).
             RouteStage(),
             # CORS needs the route's policy, and answers preflights before the
@@ -87,6 +112,13 @@ class Pipeline:
             for stage in self.stages:
                 reply = stage.on_request(ctx)
                 if reply is not None:
+                    if reply.__class__ is not LocalReply:
+                        # A stage marked ``is_async`` returned a coroutine: it must
+                        # wait (a JWKS refetch, an external authorizer). Sync stages
+                        # and the usual paths never get here.
+                        reply = await reply
+                        if reply is None:
+                            continue
                     await self._reply(ctx, reply)
                     break
             else:
@@ -102,7 +134,20 @@ class Pipeline:
             log.error("unhandled error on route %s: %r", route, exc, exc_info=exc)
             await self._fail(ctx, InternalError(repr(exc)))
         finally:
-            self.access_log.emit(self._record(ctx, perf_counter()))
+            now = perf_counter()
+            self.access_log.log(ctx, now)
+            if self.metrics is not None:
+                self.metrics.record(
+                    ctx.upstream_cluster,
+                    ctx.status,
+                    ctx.flags,
+                    (now - ctx.start) * 1000.0,
+                    ctx.bytes_received,
+                    ctx.bytes_sent,
+                )
+            if self.exporter is not None:
+                route = ctx.route
+                self.exporter.finish(ctx, ctx.status, route.origin.ref if route else "-")
 
     async def _reply(self, ctx: RequestContext, reply: LocalReply) -> None:
         headers = finish_response_headers(ctx, reply.headers)
@@ -129,33 +174,3 @@ class Pipeline:
                 await ctx.send_head(head, True)
         except (StreamReset, asyncio.CancelledError):
             ctx.add_flag("DC")
-
-    def _record(self, ctx: RequestContext, now: float) -> dict[str, Any]:
-        head = ctx.head
-        route = ctx.route
-        if route is not None:
-            route_ref = route.origin.ref
-            if route.name:
-                route_ref = f"{route_ref}:{route.name}"
-        else:
-            route_ref = "-"
-        upstream_ms = ctx.upstream_ms
-        return {
-            "start_time": rfc3339(ctx.start_wall),
-            "method": ctx.method,
-            "authority": ctx.authority,
-            "path": ctx.path,
-            "protocol": _PROTOCOLS.get(head.http_version, head.http_version),
-            "status": ctx.status,
-            "response_flags": ctx.flags or "-",
-            "route": route_ref,
-            "upstream_cluster": ctx.upstream_cluster or "-",
-            "upstream_host": ctx.upstream_host or "-",
-            "bytes_received": ctx.bytes_received,
-            "bytes_sent": ctx.bytes_sent,
-            "duration_ms": round((now - ctx.start) * 1000.0, 3),
-            "upstream_service_time_ms": round(upstream_ms, 3) if upstream_ms is not None else None,
-            "request_id": ctx.request_id or "-",
-            "x_forwarded_for": ctx.xff or head.peer,
-            "user_agent": ctx.user_agent,
-        }

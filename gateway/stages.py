@@ -16,6 +16,7 @@ import asyncio
 import random
 from dataclasses import dataclass
 from time import perf_counter
+from typing import Any
 
 from .errors import (
     NoHealthyUpstream,
@@ -64,7 +65,9 @@ class RequestContext:
     """Everything one request accumulates on its way through the stages."""
 
     __slots__ = (
+        "auth",  # authn.jwt.VerifiedToken of the request's valid JWT, or None
         "authority",
+        "authz",  # the authorization decision for the access log, "" when none ran
         "bytes_received",
         "bytes_sent",
         "cors_headers",
@@ -82,6 +85,7 @@ class RequestContext:
         "start_wall",
         "status",
         "stream",
+        "trace",  # gateway.tracing.Span; set by TraceStage only when it runs
         "upstream_cluster",
         "upstream_host",
         "upstream_ms",
@@ -117,6 +121,8 @@ class RequestContext:
         self.upstream_cluster = ""
         self.upstream_host = ""
         self.upstream_ms: float | None = None
+        self.auth: Any = None
+        self.authz = ""
 
     def add_flag(self, flag: str) -> None:
         if flag and flag not in self.flags.split(","):
@@ -287,7 +293,8 @@ class RouteStage:
         vhost = find_virtual_host(listener, head.authority)
         if vhost is None:
             raise RouteNotFound(f"no virtual host for {head.authority!r}")
-        route = match_route(vhost, head)
+        auth = ctx.auth
+        route = match_route(vhost, head, auth.claims if auth is not None else None)
         if route is None:
             raise RouteNotFound(f"no route in {vhost.name} for {head.path!r}")
         ctx.route = route
@@ -445,15 +452,19 @@ class ActionStage:
 
 _RESPONSE_HOP = frozenset(
     {
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"transfer-encoding",
-        b"upgrade",
-        b"te",
-        b"trailer",
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "transfer-encoding",
+        "upgrade",
+        "te",
+        "trailer",
     }
 )
+
+# Upstream response header names as received -> lower-case str. The same few dozen
+# names recur on every response, so each is decoded and lower-cased once.
+_RESPONSE_NAMES: dict[bytes, str] = {}
 
 
 class UpstreamStage:
@@ -490,11 +501,16 @@ class UpstreamStage:
                     raise UpstreamTimeout(f"no response head within {timeout_s}s") from exc
             else:
                 conn, sent_all = await self._exchange(ctx, pool, head, head_only)
-            status, raw_headers = conn.status, conn.headers
+            status = conn.status
             ctx.upstream_ms = (perf_counter() - started) * 1000.0
-            response = ResponseHead(status, self._response_headers(ctx, raw_headers))
+            response = ResponseHead(status, self._response_headers(ctx, conn.headers))
             if head_only or status in (204, 304) or conn.message_done:
-                body = await conn.read_body() if not head_only else b""
+                if head_only:
+                    body = b""
+                elif conn.message_done:
+                    body = conn.take_body()  # all here: no await, no coroutine
+                else:
+                    body = await conn.read_body()
                 if body:
                     await ctx.send_whole(response, body)
                 else:
@@ -529,14 +545,20 @@ class UpstreamStage:
         request = _request_bytes(head, no_body)
         chunked = not no_body and head.header("content-length") is None
         for attempt in (0, 1):
-            conn, reused = await pools.connect(pool)  # type: ignore[arg-type]
+            # An idle pooled connection is taken without a coroutine hop; only a new
+            # connection needs to await.
+            conn = pool.take_idle()  # type: ignore[attr-defined]
+            reused = conn is not None
+            if conn is None:
+                conn = await pools.open(pool)  # type: ignore[arg-type]
             try:
                 conn.begin(head_only)
                 conn.write(request)
                 sent_all = True
                 if not no_body:
                     sent_all = await self._send_body(ctx, conn, chunked)
-                await conn.read_head()
+                if not conn.head_done:
+                    await conn.read_head()
             except UpstreamReset:
                 conn.close()
                 # A pooled connection the upstream closed while idle: the request
@@ -574,15 +596,27 @@ class UpstreamStage:
     def _response_headers(
         self, ctx: RequestContext, raw: list[tuple[bytes, bytes]]
     ) -> list[tuple[str, str]]:
-        drop = _RESPONSE_HOP
-        for name, value in raw:
-            if name.lower() == b"connection":
-                drop = drop | {t.strip().lower().encode() for t in value.decode().split(",")}
-        headers = [
-            (name.decode("latin-1").lower(), value.decode("latin-1"))
-            for name, value in raw
-            if name.lower() not in drop
-        ]
+        hop = _RESPONSE_HOP
+        names = _RESPONSE_NAMES
+        headers = []
+        named: set[str] | None = None  # extra names listed in Connection
+        for raw_name, raw_value in raw:
+            name = names.get(raw_name)
+            if name is None:
+                name = raw_name.decode("latin-1").lower()
+                if len(names) < 1024:
+                    names[raw_name] = name
+            if name in hop:
+                if name == "connection":
+                    for token in raw_value.decode("latin-1").split(","):
+                        token = token.strip().lower()
+                        if token and token not in hop:
+                            named = named or set()
+                            named.add(token)
+                continue
+            headers.append((name, raw_value.decode("latin-1")))
+        if named:
+            headers = [item for item in headers if item[0] not in named]
         return finish_response_headers(ctx, headers)
 
 
