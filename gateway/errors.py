@@ -10,6 +10,10 @@ a short body. Each carries an Envoy-style response flag for the access log.
     ├── HeadersTooLarge               431      head over the byte or count limit
     ├── BodyTooLarge                  413      body over max_request_body_bytes
     ├── RequestHeaderTimeout          408      head not complete in time
+    ├── Unauthenticated               401 JWT  a token was present and is not valid
+    ├── AccessDenied                  403 RBAC an AuthorizationPolicy denied the request
+    ├── RateLimited                   429 RL   a rate limit refused the request
+    ├── RateLimitServiceError         503 RLSE a fail-closed limit's Redis did not answer
     ├── DownstreamDisconnected        (none) DC the client went away mid-exchange
     ├── NoHealthyUpstream             503 UH   no cluster or no endpoints
     ├── UpstreamConnectFailure        503 UF   connect refused / timed out
@@ -29,6 +33,7 @@ import enum
 from .server.events import ResponseHead
 
 __all__ = [
+    "AccessDenied",
     "BadRequest",
     "BodyTooLarge",
     "DownstreamDisconnected",
@@ -37,8 +42,11 @@ __all__ = [
     "HeadersTooLarge",
     "InternalError",
     "NoHealthyUpstream",
+    "RateLimitServiceError",
+    "RateLimited",
     "RequestHeaderTimeout",
     "RouteNotFound",
+    "Unauthenticated",
     "UpstreamConnectFailure",
     "UpstreamProtocolError",
     "UpstreamReset",
@@ -61,6 +69,8 @@ class GatewayError(Exception):
     source: ErrorSource = ErrorSource.INTERNAL
     body: str = ""  # short plain-text body; "" for an empty body
     retryable: bool = False
+    # Extra response headers (e.g. www-authenticate); an instance may set its own.
+    headers: tuple[tuple[str, str], ...] = ()
 
     def __init__(self, detail: str = "") -> None:
         super().__init__(detail or self.body or type(self).__name__)
@@ -99,6 +109,59 @@ class RequestHeaderTimeout(GatewayError):
     flag = "DPE"
     source = ErrorSource.DOWNSTREAM
     body = "request timeout"
+
+
+class Unauthenticated(GatewayError):
+    """A JWT was presented and failed verification (a missing token is not this)."""
+
+    status = 401
+    # Envoy records jwt_authn denials only in its response code details; meshgate
+    # has a flag for them so the access log tells them from an upstream's 401.
+    flag = "JWT"
+    source = ErrorSource.DOWNSTREAM
+    body = "Jwt verification fails"
+
+    def __init__(self, detail: str = "", *, realm: str = "") -> None:
+        super().__init__(detail)
+        # RFC 6750: tell the client which scheme, and that the token was the problem.
+        self.headers = (("www-authenticate", f'Bearer realm="{realm}", error="invalid_token"'),)
+
+
+class AccessDenied(GatewayError):
+    """An AuthorizationPolicy (DENY, or no matching ALLOW) refused the request."""
+
+    status = 403
+    flag = "RBAC"
+    source = ErrorSource.DOWNSTREAM
+    body = "RBAC: access denied"
+
+
+class RateLimited(GatewayError):
+    """Over a RateLimitPolicy limit; ``headers`` carry ``retry-after`` and the
+    ratelimit-* figures."""
+
+    status = 429
+    flag = "RL"
+    source = ErrorSource.DOWNSTREAM
+    body = "rate limited"
+
+    def __init__(self, detail: str = "", headers: tuple[tuple[str, str], ...] = ()) -> None:
+        super().__init__(detail)
+        self.headers = headers
+
+
+class RateLimitServiceError(GatewayError):
+    """A limit with ``failureMode: closed`` could not reach its Redis: refuse rather
+    than serve unlimited (Envoy's ``failure_mode_deny``)."""
+
+    status = 503
+    flag = "RLSE"
+    source = ErrorSource.INTERNAL
+    body = "rate limit service unavailable"
+
+    def __init__(self, detail: str = "") -> None:
+        super().__init__(detail)
+        self.headers = (("retry-after", "1"),)
 
 
 class DownstreamDisconnected(GatewayError):
@@ -168,4 +231,6 @@ def respond_to(error: GatewayError) -> tuple[ResponseHead, bytes]:
     """
     body = error.body.encode("latin-1")
     headers = [_TEXT, ("content-length", str(len(body)))] if body else [("content-length", "0")]
+    if error.headers:
+        headers.extend(error.headers)
     return ResponseHead(error.status, headers), body

@@ -29,6 +29,7 @@ from .errors import ConfigError, ConfigErrors, Model
 from .hosts import MESH_GATEWAY, expand_host, gateway_ref, host_matches, split_server_host
 from .parse import child_path
 from .quic import http3_exclusion
+from .ratelimit import check_rate_limit_policy
 from .resources import (
     ClientTLSSettings,
     ConnectionPoolSettings,
@@ -427,7 +428,15 @@ def _check_match(r: _Report, mp: str, match: HTTPMatchRequest) -> None:
     ):
         for key, value in values.items():
             path = child_path(f"{mp}.{field_name}", key)
-            r.header_name(path, key)
+            if key.startswith("@request.auth.claims"):
+                # Istio's gateway-only claim match: the rest names a (nested) claim.
+                claim = key[len("@request.auth.claims") :]
+                if field_name != "headers":
+                    r.error(path, "claim matches are supported in headers only")
+                elif not claim.startswith(".") or "" in claim[1:].split("."):
+                    r.error(path, 'expected "@request.auth.claims.<name>[.<nested>...]"')
+            else:
+                r.header_name(path, key)
             r.string_match(path, value, presence_ok=True)
     for key, value in match.query_params.items():
         path = child_path(f"{mp}.queryParams", key)
@@ -893,6 +902,13 @@ def check(resources: Iterable[Resource]) -> tuple[list[ConfigError], list[Config
             _check_destination_rule(r, spec)
         elif isinstance(spec, ServiceEntrySpec):
             _check_service_entry(r, spec)
+        elif resource.kind in ("RequestAuthentication", "AuthorizationPolicy"):
+            # The security kinds' rules live beside their compiler, in authn/.
+            from authn.validate import check_security
+
+            check_security(r, resource)
+        elif resource.kind == "RateLimitPolicy":
+            check_rate_limit_policy(r, spec, resources)
     return errors, warnings
 
 
