@@ -48,7 +48,9 @@ from aioquic.h3.connection import H3_ALPN, FrameType, H3Connection, Setting, enc
 from aioquic.h3.events import DataReceived, HeadersReceived
 from aioquic.quic import events as quic_events
 from aioquic.quic.configuration import QuicConfiguration
-from aioquic.tls import pull_client_hello
+from aioquic.tls import AlertHandshakeFailure, pull_client_hello
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from . import altsvc
 from .events import RequestHandler, RequestHead, ResponseHead, StreamReset
@@ -59,7 +61,9 @@ __all__ = [
     "H3Stream",
     "QuicCertificate",
     "QuicListener",
+    "choose_certificate",
     "load_quic_certificate",
+    "quic_certificate_from_pem",
     "quic_configuration",
     "serve_quic",
 ]
@@ -118,22 +122,59 @@ def _response_headers(response: ResponseHead) -> list[tuple[bytes, bytes]]:
 class QuicCertificate:
     """A server certificate for the QUIC side of one listener port.
 
-    ``hosts`` are the Gateway server's host names ("*.example.com" and "*" allowed);
-    the first certificate of a listener is the default for a ClientHello without SNI
-    or with a name no certificate covers (as the TLS side does)."""
+    ``hosts`` are the Gateway server's host names: exact, ``*.suffix`` or ``*``. The
+    certificate for a connection is chosen from its SNI the way the TLS side (and
+    Envoy's filter-chain match) does: an exact name, then the longest wildcard, then
+    ``*``; a name nothing covers is refused in the handshake."""
 
     hosts: tuple[str, ...]
     certificate: Any  # cryptography x509.Certificate
     chain: tuple[Any, ...]
     private_key: Any
 
-    def covers(self, server_name: str) -> bool:
+    def rank(self, server_name: str | None) -> int:
+        """How well this certificate's hosts cover ``server_name``: -1 not at all."""
+        best = -1
         for host in self.hosts:
-            if host == "*" or host == server_name:
-                return True
-            if host.startswith("*.") and server_name.endswith(host[1:]):
-                return True
-        return False
+            if host == "*":
+                rank = 0
+            elif server_name is None:
+                rank = -1
+            elif host.startswith("*."):
+                suffix = host[1:]
+                covered = server_name.endswith(suffix) and len(server_name) > len(suffix)
+                rank = len(suffix) if covered else -1
+            else:
+                rank = 1_000_000 if host == server_name else -1
+            best = max(best, rank)
+        return best
+
+
+def choose_certificate(
+    certificates: Sequence[QuicCertificate], server_name: str | None
+) -> QuicCertificate | None:
+    """The best certificate for ``server_name`` (the first declared wins a tie)."""
+    best: QuicCertificate | None = None
+    best_rank = -1
+    for certificate in certificates:
+        rank = certificate.rank(server_name)
+        if rank > best_rank:
+            best, best_rank = certificate, rank
+    return best
+
+
+def quic_certificate_from_pem(
+    hosts: Sequence[str], cert_pem: bytes, key_pem: bytes
+) -> QuicCertificate:
+    """A certificate (with its chain) and key from PEM bytes; ValueError when invalid."""
+    certificates = x509.load_pem_x509_certificates(cert_pem)
+    key = serialization.load_pem_private_key(key_pem, password=None)
+    return QuicCertificate(
+        hosts=tuple(h.lower() for h in hosts),
+        certificate=certificates[0],
+        chain=tuple(certificates[1:]),
+        private_key=key,
+    )
 
 
 def load_quic_certificate(
@@ -436,14 +477,14 @@ class H3Protocol(QuicConnectionProtocol):
             original_limits(builder=builder, space=space, stream=stream)
 
         quic._write_stream_limits = write_stream_limits
-        if len(self._certificates) > 1:
-            original_initialize = quic._initialize
+        # Always: even one certificate refuses a name it does not cover, like TCP.
+        original_initialize = quic._initialize
 
-            def initialize(peer_cid: bytes) -> None:
-                original_initialize(peer_cid)
-                self._choose_certificate_by_sni(quic.tls)
+        def initialize(peer_cid: bytes) -> None:
+            original_initialize(peer_cid)
+            self._choose_certificate_by_sni(quic.tls)
 
-            quic._initialize = initialize
+        quic._initialize = initialize
 
     def _choose_certificate_by_sni(self, tls: Any) -> None:
         original_hello = tls._server_handle_hello
@@ -452,11 +493,15 @@ class H3Protocol(QuicConnectionProtocol):
         def server_handle_hello(input_buf: Buffer, initial_buf: Buffer, hs_buf: Buffer) -> None:
             start = input_buf.tell()
             try:
-                server_name = (pull_client_hello(input_buf).server_name or "").lower()
+                server_name = pull_client_hello(input_buf).server_name
             except Exception:  # malformed: the real handler reports it
-                server_name = ""
+                server_name = None
             input_buf.seek(start)
-            chosen = next((c for c in certificates if c.covers(server_name)), certificates[0])
+            chosen = choose_certificate(certificates, server_name.lower() if server_name else None)
+            if chosen is None:
+                # No Gateway server for this name: Envoy finds no filter chain and
+                # refuses the connection; so does the TCP side of the port.
+                raise AlertHandshakeFailure(f"no certificate for server name {server_name!r}")
             tls.certificate = chosen.certificate
             tls.certificate_chain = list(chosen.chain)
             tls.certificate_private_key = chosen.private_key

@@ -35,7 +35,9 @@ from gateway.server.http3 import (
     H3Protocol,
     QuicCertificate,
     QuicListener,
+    choose_certificate,
     load_quic_certificate,
+    quic_certificate_from_pem,
 )
 from gateway.server.settings import ServerSettings
 
@@ -540,7 +542,7 @@ def test_certificate_is_chosen_by_sni(ca: Authority, tmp_path: Path) -> None:
         for server_name, expected in (
             ("first.example", "first.example"),
             ("api.second.example", "*.second.example"),
-            ("unknown.example", None),  # the default (first) certificate: not trusted for it
+            ("unknown.example", None),  # no server covers it: refused, like the TCP side
         ):
             pair = Pair(echo, [first, second], ca.pem, server_name=server_name)
             if expected is None:
@@ -554,6 +556,36 @@ def test_certificate_is_chosen_by_sni(ca: Authority, tmp_path: Path) -> None:
             assert response.status == 200
 
     run(main())
+
+
+def test_sni_prefers_exact_then_longest_wildcard_then_catch_all(ca: Authority) -> None:
+    catch_all = ca.quic_certificate("*")
+    wide = ca.quic_certificate("*.example.test")
+    narrow = ca.quic_certificate("*.api.example.test")
+    exact = ca.quic_certificate("www.example.test")
+    certs = [catch_all, wide, narrow, exact]
+    assert choose_certificate(certs, "www.example.test") is exact
+    assert choose_certificate(certs, "v1.api.example.test") is narrow
+    assert choose_certificate(certs, "shop.example.test") is wide
+    assert choose_certificate(certs, "other.test") is catch_all
+    assert choose_certificate(certs, None) is catch_all
+    assert choose_certificate([wide, exact], None) is None
+    # "*.example.test" does not cover the bare parent name.
+    assert choose_certificate([wide], "example.test") is None
+
+
+def test_certificate_loads_from_pem_bytes_with_its_chain(ca: Authority) -> None:
+    cert, key = ca.issue("pem.example")
+    pem = cert.public_bytes(serialization.Encoding.PEM) + ca.pem
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    loaded = quic_certificate_from_pem(["PEM.example"], pem, key_pem)
+    assert loaded.hosts == ("pem.example",)
+    assert loaded.certificate == cert
+    assert loaded.chain == (ca.cert,)
+    with pytest.raises(ValueError):
+        quic_certificate_from_pem(["x"], b"not a certificate", key_pem)
 
 
 def test_alt_svc_is_advertised_only_while_a_listener_holds_the_port() -> None:
