@@ -35,6 +35,7 @@ from .routing.table import (
     Snapshot,
     WeightedCluster,
 )
+from .server.altsvc import ADVERTISED, add_alt_svc
 from .server.events import DownstreamStream, RequestHead, ResponseHead
 from .upstream.pool import UpstreamConnection, UpstreamPools
 
@@ -131,6 +132,8 @@ class RequestContext:
     async def send_head(self, head: ResponseHead, end_stream: bool) -> None:
         self.status = head.status
         self.response_started = True
+        if ADVERTISED:  # an HTTP/3 listener is up in this process
+            add_alt_svc(self.head, head)
         await self.stream.send_head(head, end_stream)
 
     async def send_body(self, data: bytes, end_stream: bool) -> None:
@@ -141,6 +144,8 @@ class RequestContext:
         """A response whose body is all here: in one write when the adapter can."""
         self.status = head.status
         self.response_started = True
+        if ADVERTISED:
+            add_alt_svc(self.head, head)
         send_response = getattr(self.stream, "send_response", None)
         if send_response is not None:
             await send_response(head, body)

@@ -4,13 +4,15 @@ The QUIC listener (``gateway.server.http3``) records its port here once its UDP 
 is bound, and removes it before it closes, so a client is only ever told about an
 HTTP/3 endpoint that is actually up. The response path (``RequestContext.send_head``)
 asks ``alt_svc_header`` for every response of a TCP request on such a port. This
-module has no dependencies so that the pipeline can import it without pulling in
-aioquic.
+module imports nothing but the event vocabulary, so that the pipeline can use it
+without pulling in aioquic.
 """
 
 from __future__ import annotations
 
-__all__ = ["ADVERTISED", "advertise", "alt_svc_header", "withdraw"]
+from .events import RequestHead, ResponseHead
+
+__all__ = ["ADVERTISED", "add_alt_svc", "advertise", "alt_svc_header", "withdraw"]
 
 # One day, as browsers and Envoy's examples use; a client re-checks after that.
 _MAX_AGE_S = 86400
@@ -44,3 +46,15 @@ def alt_svc_header(port: int, http_version: str) -> str | None:
     if http_version == "3":
         return None
     return ADVERTISED.get(port)
+
+
+def add_alt_svc(request: RequestHead, response: ResponseHead) -> None:
+    """Append ``alt-svc`` to a final response when the request's port has HTTP/3 up.
+
+    Callers check ``ADVERTISED`` first, so a process without a QUIC listener pays one
+    truthiness test per response."""
+    if response.status < 200:
+        return
+    value = alt_svc_header(request.port, request.http_version)
+    if value is not None and request.scheme == "https":
+        response.headers.append(("alt-svc", value))

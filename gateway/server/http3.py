@@ -59,6 +59,7 @@ from .settings import ServerSettings
 __all__ = [
     "H3Protocol",
     "H3Stream",
+    "HTTP3Listeners",
     "QuicCertificate",
     "QuicListener",
     "choose_certificate",
@@ -918,3 +919,123 @@ async def serve_quic(
         listener._advertised = True
         altsvc.advertise(listener.port)
     return listener
+
+
+class HTTP3Listeners:
+    """The QUIC side of every HTTPS listener of one worker, fed from the TLS side's
+    certificate store so both protocols present the same certificates.
+
+    For each HTTPS port: the servers ``gateway.config.quic.http3_exclusion`` lets
+    through are served over HTTP/3; the port is advertised with ``alt-svc`` only when
+    all of its servers are (a client told about HTTP/3 for one host of a port would
+    try it for every host there). ``start`` returns one line per port that is not
+    advertised, for the log. Certificate rotations picked up by the store reach new
+    QUIC connections on the next ``refresh`` (called on the store's polling period)."""
+
+    def __init__(self, handler: RequestHandler, settings: ServerSettings, address: str) -> None:
+        self.handler = handler
+        self.settings = settings
+        self.address = address
+        self.listeners: dict[int, QuicListener] = {}
+        self._generations: dict[int, tuple[int, ...]] = {}
+        self._servable: dict[int, set[tuple[str, ...]]] = {}  # host sets served over QUIC
+        self._store: Any = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self, tls_listeners: Sequence[Any], store: Any) -> list[str]:
+        """Bind UDP for each HTTPS listener; OSError when a port cannot be bound."""
+        from ..config.quic import http3_exclusion
+
+        self._store = store
+        notes: list[str] = []
+        for listener in tls_listeners:
+            if listener.protocol.upper() != "HTTPS":
+                continue
+            servers = listener.tls_servers
+            servable = [
+                s
+                for s in servers
+                if http3_exclusion("HTTPS", s.mode, s.max_protocol_version) is None
+            ]
+            wanted = {tuple(s.hosts) for s in servable}
+            certificates, generations = self._certificates(listener.port, wanted)
+            if not certificates:
+                notes.append(f"port {listener.port}: no server can be offered over HTTP/3")
+                continue
+            advertise = len(certificates) == len(servers)
+            if not advertise:
+                notes.append(
+                    f"port {listener.port}: HTTP/3 serves {len(certificates)} of "
+                    f"{len(servers)} servers; not advertised with alt-svc"
+                )
+            self.listeners[listener.port] = await serve_quic(
+                self.address,
+                listener.port,
+                certificates,
+                self.handler,
+                self.settings,
+                advertise=advertise,
+            )
+            self._generations[listener.port] = generations
+            self._servable[listener.port] = wanted
+        return notes
+
+    def _certificates(
+        self, port: int, wanted: set[tuple[str, ...]]
+    ) -> tuple[list[QuicCertificate], tuple[int, ...]]:
+        certificates: list[QuicCertificate] = []
+        generations: list[int] = []
+        for credentials in self._store.credentials(port):
+            if tuple(credentials.hosts) not in wanted:
+                continue
+            try:
+                certificates.append(
+                    quic_certificate_from_pem(
+                        credentials.hosts, credentials.cert_pem, credentials.key_pem
+                    )
+                )
+            except ValueError as exc:
+                logger.error("HTTP/3 on port %d: cannot load certificate: %s", port, exc)
+                continue
+            generations.append(credentials.generation)
+        return certificates, tuple(generations)
+
+    def refresh(self) -> int:
+        """Pick up certificates the store has reloaded; returns how many ports changed."""
+        changed = 0
+        for port, quic_listener in self.listeners.items():
+            wanted = self._servable[port]
+            generations = tuple(
+                c.generation for c in self._store.credentials(port) if tuple(c.hosts) in wanted
+            )
+            if generations == self._generations.get(port):
+                continue
+            certificates, generations = self._certificates(port, wanted)
+            if certificates:
+                quic_listener.update_certificates(certificates)
+                self._generations[port] = generations
+                changed += 1
+        return changed
+
+    def start_watch(self, poll_s: float) -> None:
+        """Re-read the store every ``poll_s`` seconds (0 disables)."""
+        if poll_s > 0 and self.listeners and self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._watch(poll_s))
+
+    async def _watch(self, poll_s: float) -> None:
+        while True:
+            await asyncio.sleep(poll_s)  # a polling period, not synchronisation
+            try:
+                self.refresh()
+            except Exception:  # never let the watcher die silently
+                logger.exception("HTTP/3 certificate refresh failed")
+
+    async def stop(self, drain_s: float = 5.0) -> None:
+        """Withdraw alt-svc, GOAWAY every connection, drain, close the sockets."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await asyncio.gather(*(q.stop(drain_s) for q in self.listeners.values()))
+        self.listeners.clear()

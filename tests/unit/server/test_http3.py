@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from gateway.server import altsvc
-from gateway.server.events import DownstreamStream, ResponseHead, StreamReset
+from gateway.server.events import DownstreamStream, RequestHead, ResponseHead, StreamReset
 from gateway.server.h3client import H3Client, H3Response, client_configuration
 from gateway.server.http3 import (
     H3_REQUEST_REJECTED,
@@ -599,6 +599,24 @@ def test_alt_svc_is_advertised_only_while_a_listener_holds_the_port() -> None:
     altsvc.withdraw(8443)
     assert altsvc.alt_svc_header(8443, "1.1") is None
     assert not altsvc.ADVERTISED
+
+
+def test_alt_svc_goes_on_final_https_responses_over_tcp_only() -> None:
+    def head(version: str, scheme: str = "https") -> RequestHead:
+        return RequestHead("GET", "/", "", "h", scheme, [], http_version=version, port=9443)
+
+    altsvc.advertise(9443)
+    try:
+        for version in ("1.1", "2"):
+            response = ResponseHead(200, [("x", "1")])
+            altsvc.add_alt_svc(head(version), response)
+            assert response.headers == [("x", "1"), ("alt-svc", 'h3=":9443"; ma=86400')]
+        for request, status in ((head("3"), 200), (head("2", "http"), 200), (head("2"), 100)):
+            response = ResponseHead(status, [])
+            altsvc.add_alt_svc(request, response)
+            assert response.headers == []
+    finally:
+        altsvc.withdraw(9443)
 
 
 def test_quic_configuration_needs_a_certificate() -> None:
