@@ -99,6 +99,8 @@ class JwksEntry:
         self.last_kid_refetch = -1e18  # monotonic
         self.first_attempt_done = asyncio.Event()
         self.refresh_now = asyncio.Event()
+        # Set after every attempt (success or failure), for whoever waits on one.
+        self.attempted = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
         self.inflight: asyncio.Future[bool] | None = None
 
@@ -251,6 +253,7 @@ class JwksRegistry:
             return False
         finally:
             entry.first_attempt_done.set()
+            entry.attempted.set()
         if body != entry.body:
             entry.body = body
             entry.keys = keys

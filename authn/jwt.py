@@ -249,7 +249,12 @@ def verify_token(
     ``policy.JwtRule``). ``audiences`` empty means any audience (Envoy's behaviour
     when a provider lists none).
     """
-    header = read_header(token)
+    parts = _split(token)
+    header = _json_object(parts[0])
+    # The payload and signature are decoded strictly here too: pyjwt's decoder is
+    # more lenient than a gateway should be with what it lets through.
+    _json_object(parts[1])
+    b64url_decode(parts[2])
     alg = header.get("alg")
     if not isinstance(alg, str) or alg not in _SUPPORTED:
         # Covers "none", every HS*, and anything unknown.
