@@ -84,6 +84,9 @@ STREAM_WINDOW_BYTES = 256 * 1024
 # per-stream windows above are what bound memory (streams x window).
 CONNECTION_WINDOW_BYTES = 1024 * 1024
 
+# Receive and send buffer asked for on the UDP socket (see _widen_socket_buffers).
+UDP_SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
+
 # Response fields HTTP/3 forbids (RFC 9114 §4.2), dropped if the pipeline passes them.
 _CONNECTION_FIELDS = frozenset(
     {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade"}
@@ -534,7 +537,12 @@ class H3Protocol(QuicConnectionProtocol):
     def datagram_received(self, data: bytes | str, addr: Any) -> None:
         if not self._peer and isinstance(addr, tuple):
             self._peer = str(addr[0])
-        super().datagram_received(data, addr)
+        self._quic.receive_datagram(data, addr, now=self._loop.time())
+        self._process_events()
+        # aioquic transmits after every datagram; a busy connection receives several
+        # per event-loop turn, and one transmit after them all builds fewer, fuller
+        # packets (one ACK for the lot, responses coalesced).
+        self._transmit_soon()
 
     def transmit(self) -> None:
         super().transmit()
@@ -885,6 +893,18 @@ class QuicListener:
             self.server.close()
 
 
+def _widen_socket_buffers(transport: asyncio.BaseTransport) -> None:
+    """One UDP socket takes every client's datagrams; at the default receive buffer
+    (about 200 KiB) a burst from many connections overflows it, and each drop costs a
+    QUIC loss-recovery timeout. The kernel caps the value at net.core.rmem_max."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return
+    for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, option, UDP_SOCKET_BUFFER_BYTES)
+
+
 async def serve_quic(
     address: str,
     port: int,
@@ -913,6 +933,7 @@ async def serve_quic(
         reuse_port=True,
     )
     listener.server = server
+    _widen_socket_buffers(transport)
     # Port 0 (tests): requests must carry the real port, and alt-svc name it.
     listener.port = transport.get_extra_info("sockname")[1]
     if advertise:
