@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gateway.server.h3client import client_configuration, connect_h3  # noqa: E402
+from gateway.server.h3client import client_configuration, connect_h3
 
 
 class Counter:
@@ -69,7 +69,7 @@ async def _connection(args: argparse.Namespace, counter: Counter, cadata: bytes 
 def _percentile(sorted_values: list[float], fraction: float) -> float | None:
     if not sorted_values:
         return None
-    index = min(len(sorted_values) - 1, int(round(fraction * (len(sorted_values) - 1))))
+    index = min(len(sorted_values) - 1, round(fraction * (len(sorted_values) - 1)))
     return sorted_values[index] * 1000.0
 
 
