@@ -170,6 +170,11 @@ class AuthzRequest:
     source_namespace: str = ""
 
 
+# Istio treats these two claims as space-delimited lists ("read write" holds
+# "write"); every other string claim is one exact value.
+_SPACE_DELIMITED = frozenset({"scope", "permissions"})
+
+
 def _claim(claims: Any, path: Sequence[str]) -> list[str]:
     value = claims
     for part in path:
@@ -177,6 +182,8 @@ def _claim(claims: Any, path: Sequence[str]) -> list[str]:
             return []
         value = value.get(part)
     if isinstance(value, str):
+        if len(path) == 1 and path[0] in _SPACE_DELIMITED:
+            return value.split()
         return [value]
     if isinstance(value, bool):
         return ["true" if value else "false"]

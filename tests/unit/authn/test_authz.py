@@ -227,6 +227,9 @@ CASES = [
     ([SCOPE_WRITE], Req(method="POST", path="/api/items", auth=scope_token(["write"])), True),
     ([SCOPE_WRITE], Req(method="POST", path="/x/y.json", auth=scope_token("write")), True),
     ([SCOPE_WRITE], Req(method="POST", path="/x/y", auth=scope_token("write")), False),
+    ([SCOPE_WRITE], Req(method="PUT", path="/api/1", auth=scope_token("read write")), True),
+    ([SCOPE_WRITE], Req(method="PUT", path="/api/1", auth=scope_token("read writer")), False),
+    ([NESTED_CLAIMS], Req(auth=token(nested={"key1": "val1"}, groups="dev admins")), False),
     ([AUDIT], Req(path="/admin"), True),
 ]
 
