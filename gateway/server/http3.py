@@ -67,6 +67,7 @@ __all__ = [
     "quic_certificate_from_pem",
     "quic_configuration",
     "serve_quic",
+    "start_http3",
 ]
 
 logger = logging.getLogger(__name__)
@@ -1060,3 +1061,34 @@ class HTTP3Listeners:
                 await task
         await asyncio.gather(*(q.stop(drain_s) for q in self.listeners.values()))
         self.listeners.clear()
+
+
+async def start_http3(
+    handler: RequestHandler,
+    settings: ServerSettings,
+    address: str,
+    tls_listeners: Sequence[Any],
+    store: Any,
+    cert_poll_s: float,
+    say: Callable[[str], None],
+) -> HTTP3Listeners:
+    """The runtime's entry point: HTTP/3 for every HTTPS listener, or a line saying why
+    not. A UDP port that cannot be bound leaves that port on TCP only (and without
+    alt-svc) rather than stopping the gateway."""
+    http3 = HTTP3Listeners(handler, settings, address)
+    if store is None:
+        return http3
+    https = [lst for lst in tls_listeners if lst.protocol.upper() == "HTTPS"]
+    for listener in https:
+        try:
+            notes = await http3.start([listener], store)
+        except OSError as exc:
+            say(f"HTTP/3 not served on UDP port {listener.port}: {exc}")
+            continue
+        for note in notes:
+            say(f"HTTP/3: {note}")
+    if http3.listeners:
+        http3.start_watch(cert_poll_s)
+        ports = ", ".join(str(p) for p in sorted(http3.listeners))
+        say(f"serving HTTP/3 on {address} UDP ports {ports}")
+    return http3
