@@ -354,3 +354,38 @@ def test_every_worker_reloads_on_sighup_to_the_parent(stack: Stack) -> None:
         response = httpx.get(f"http://127.0.0.1:{stack.port}/w{i}", timeout=5)
         assert response.headers["x-config-version"] == "1"
     assert gateway.stop(signal.SIGTERM) == 0
+
+
+def test_sigterm_stops_accepting_and_lets_the_request_in_flight_finish(stack: Stack) -> None:
+    gateway = stack.start("--drain-timeout-s", "10")
+    result: dict[str, object] = {}
+
+    def slow() -> None:
+        try:
+            response = httpx.get(f"http://127.0.0.1:{stack.port}/slow?delay_ms=1500", timeout=10)
+            result["status"] = response.status_code
+        except Exception as exc:
+            result["error"] = repr(exc)
+
+    thread = threading.Thread(target=slow)
+    thread.start()
+    deadline = time.monotonic() + 5
+    while True:  # in flight once the gateway holds a connection to the backend
+        clusters = stack.admin_json("/clusters")["clusters"]
+        if any(e["connections_opened"] for c in clusters for e in c["endpoints"]):
+            break
+        assert time.monotonic() < deadline, "the slow request never reached the backend"
+        time.sleep(0.02)  # polling the admin API: there is no event to wait on
+    gateway.proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 5
+    while True:  # the listener closes at once, long before the slow request ends
+        try:
+            httpx.get(f"http://127.0.0.1:{stack.port}/late", timeout=1)
+        except httpx.ConnectError:
+            break
+        assert time.monotonic() < deadline, "still accepting after SIGTERM"
+        time.sleep(0.02)
+    assert thread.is_alive()  # refused while the first request was still running
+    thread.join(10)
+    assert result == {"status": 200}
+    assert gateway.proc.wait(15) == 0
