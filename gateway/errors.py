@@ -19,6 +19,7 @@ a short body. Each carries an Envoy-style response flag for the access log.
     ├── UpstreamConnectFailure        503 UF   connect refused / timed out
     ├── UpstreamTimeout               504 UT   route timeout before the response head
     ├── UpstreamReset                 503 UR   upstream closed/reset before the head
+    ├── UpstreamOverflow              503 UO   a DestinationRule connectionPool limit is full
     ├── UpstreamProtocolError         502 UPE  upstream answered something unparsable
     └── InternalError                 500      anything unmapped (never shown in detail)
 
@@ -48,6 +49,7 @@ __all__ = [
     "RouteNotFound",
     "Unauthenticated",
     "UpstreamConnectFailure",
+    "UpstreamOverflow",
     "UpstreamProtocolError",
     "UpstreamReset",
     "UpstreamTimeout",
@@ -205,6 +207,16 @@ class UpstreamReset(GatewayError):
         "upstream connect error or disconnect/reset before headers. "
         "reset reason: connection termination"
     )
+
+
+class UpstreamOverflow(GatewayError):
+    """A circuit breaker (DestinationRule ``connectionPool``) is full: too many
+    pending or active requests for the cluster."""
+
+    status = 503
+    flag = "UO"
+    source = ErrorSource.UPSTREAM
+    body = "upstream connect error or disconnect/reset before headers. reset reason: overflow"
 
 
 class UpstreamProtocolError(GatewayError):

@@ -22,6 +22,7 @@ import dataclasses
 import gc
 import re
 from collections.abc import Mapping
+from types import SimpleNamespace
 from typing import Any
 
 from ..config import hosts as hostrules
@@ -45,6 +46,7 @@ from ..config.resources import (
     VirtualServiceSpec,
     yaml_name,
 )
+from ..policy import compile_cluster_traffic, compile_route_traffic
 from .dump import snapshot_content_hash
 from .table import (
     NO_HEADER_OPS,
@@ -442,6 +444,7 @@ class _Compiler:
                 continue
             origin = _origin(vs, index, path)
             request_headers, response_headers = _split_headers(http.headers)
+            extra = _extra(http)
             common: dict[str, Any] = {
                 "origin": origin,
                 "action": action,
@@ -449,7 +452,10 @@ class _Compiler:
                 "request_headers": request_headers,
                 "response_headers": response_headers,
                 "cors": _cors(http.cors_policy),
-                "extra": _extra(http),
+                "extra": extra,
+                "traffic": compile_route_traffic(
+                    extra, lambda dest: self._mirror_cluster(dest, ns, port)
+                ),
             }
             # Istio emits one Envoy route per match entry (the entries are OR-ed); we do
             # the same so a rewrite knows which entry matched and the dump has one row each.
@@ -589,6 +595,17 @@ class _Compiler:
             self.clusters[name] = self._cluster(name, host, port, subset, se)
         return name
 
+    def _mirror_cluster(self, dest: Mapping[str, Any], vs_namespace: str, port: int) -> str:
+        """The cluster of a mirror destination given in YAML spelling."""
+        port_spec = dest.get("port")
+        number = port_spec.get("number") if isinstance(port_spec, Mapping) else None
+        destination = SimpleNamespace(
+            host=dest["host"],
+            subset=dest.get("subset"),
+            port=SimpleNamespace(number=number) if number is not None else None,
+        )
+        return self._cluster_for(destination, vs_namespace, port)
+
     def _cluster(
         self, name: str, host: str, port: int, subset: str, se: Resource | None
     ) -> Cluster:
@@ -625,6 +642,7 @@ class _Compiler:
             protocol=protocol,
             endpoints=endpoints,
             policy=policy,
+            traffic=compile_cluster_traffic(policy, protocol),
         )
 
     def _rule_for(self, host: str) -> Resource | None:

@@ -211,6 +211,9 @@ class Route:
     # Fields parsed but not enforced in this version (retries, fault, mirror, ...),
     # kept so the admin dump and later stages can see them.
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False)
+    # gateway.policy.RouteTraffic (retries, fault, mirrors) compiled from ``extra``;
+    # None, the usual case, keeps the request on the upstream stage's lean path.
+    traffic: Any = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,6 +255,9 @@ class Cluster:
     # DestinationRule traffic policy as written (subset policy merged over the
     # top-level one, port-level over that); enforcement grows in later versions.
     policy: Mapping[str, Any] = field(default_factory=dict, compare=False)
+    # gateway.policy.ClusterTraffic compiled from ``policy`` and ``protocol``; None
+    # when everything is at its default (round robin, no limits, plain HTTP/1.1).
+    traffic: Any = None
 
 
 @dataclass(frozen=True, slots=True)

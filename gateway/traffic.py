@@ -1,0 +1,766 @@
+"""The upstream path for routes and clusters that carry traffic policy.
+
+``UpstreamStage`` (in ``stages.py``) keeps its lean path for the common case: no
+retries, faults or mirrors on the route and a cluster at its default policy. Anything
+else comes here, to ``TrafficForwarder.forward``, which does, in this order:
+
+1. ``fault``: delay (flag ``DI``), then abort (flag ``FI``) — before any upstream work,
+   as Envoy's fault filter sits ahead of its router;
+2. request body: kept in memory up to the retry buffer limit when a retry or a mirror
+   may need it again; a longer body is streamed once and its request is not retried
+   (and not mirrored);
+3. ``mirror``/``mirrors``: a copy of the request, authority suffixed ``-shadow``, sent
+   in a task of its own; its answer is read and dropped and never holds up the client;
+4. the attempt loop: pick an endpoint (the cluster's balancer over the endpoints
+   outlier detection has not ejected, avoiding the previous attempt's host when
+   another is available), take a pooled or new connection within the circuit-breaker
+   limits (overflow: 503 ``UO``), TLS origination when configured, send, await the
+   head within ``perTryTimeout``; a retriable failure or status goes round again
+   while attempts remain (with Envoy's jittered exponential back-off, 25 ms base);
+   the whole loop runs within the route ``timeout``;
+5. the response is streamed back; outlier detection sees every outcome.
+
+``ClusterState`` holds what one worker knows of one cluster across requests and
+reloads: endpoint states (``healthy``, ``ejected_until``, ``active_requests``, read by
+the admin ``/clusters`` page through ``TrafficForwarder.clusters``), the balancer,
+the outlier detector, connection counts and the TLS context.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import secrets
+import time
+from collections import deque
+from time import perf_counter
+from typing import TYPE_CHECKING, Any
+
+from .errors import (
+    GatewayError,
+    NoHealthyUpstream,
+    UpstreamConnectFailure,
+    UpstreamOverflow,
+    UpstreamReset,
+    UpstreamTimeout,
+)
+from .policy import ClusterTraffic, ConnectionLimits, RetryPolicy, RouteTraffic
+from .routing.table import Cluster
+from .server.events import RequestHead, ResponseHead
+from .upstream.lb import Balancer, hash_key, make_balancer
+from .upstream.outlier import EndpointState, OutlierDetector
+from .upstream.pool import EndpointPool, UpstreamConnection, UpstreamPools
+from .upstream.tls import (
+    TLSOriginationError,
+    client_context,
+    server_hostname_for,
+    verify_subject_alt_names,
+)
+
+if TYPE_CHECKING:
+    from .stages import RequestContext, UpstreamStage
+
+__all__ = ["ClusterState", "TrafficForwarder"]
+
+log = logging.getLogger("meshgate.traffic")
+
+_DEFAULT_TRAFFIC = ClusterTraffic()
+_RETRY_BASE_S = 0.025  # Envoy's default base interval; the cap is ten times it
+_MAX_MIRRORS_IN_FLIGHT = 256
+_MIRROR_TIMEOUT_S = 10.0
+_FAULT_ABORT_BODY = b"fault filter abort"
+
+
+class _ClusterPool(EndpointPool):
+    """An endpoint pool that also keeps its cluster's connection count, drops
+    connections idle for too long and retires them after maxRequestsPerConnection."""
+
+    __slots__ = ("cluster", "idle_since", "state", "tls")
+
+    def __init__(self, cluster: ClusterState, state: EndpointState) -> None:
+        super().__init__(state.address, state.port, 1024)
+        self.cluster = cluster
+        self.state = state
+        self.host_label = state.host_label
+        self.idle_since: dict[int, float] = {}
+
+    def take_idle(self) -> UpstreamConnection | None:
+        idle_timeout = self.cluster.idle_timeout_s
+        while True:
+            conn = super().take_idle()
+            if conn is None:
+                return None
+            since = self.idle_since.pop(id(conn), None)
+            if idle_timeout and since is not None and time.monotonic() - since > idle_timeout:
+                conn.close()
+                continue
+            return conn
+
+    def put_idle(self, conn: UpstreamConnection) -> None:
+        limit = self.cluster.max_requests_per_connection
+        if limit and conn.exchanges >= limit:
+            conn.close()
+            return
+        self.idle_since[id(conn)] = time.monotonic()
+        super().put_idle(conn)
+        self.cluster.wake_one()
+
+    def discard(self, conn: UpstreamConnection) -> None:
+        # connection_lost calls this exactly once per connection.
+        super().discard(conn)
+        self.idle_since.pop(id(conn), None)
+        self.cluster.connections -= 1
+        self.cluster.wake_one()
+
+
+class ClusterState:
+    """One cluster as one worker sees it; survives reloads while its name lives."""
+
+    def __init__(self, cluster: Cluster, credentials_dir: str | None) -> None:
+        self.name = cluster.name
+        self.cluster = cluster
+        self.credentials_dir = credentials_dir
+        self.endpoints: list[EndpointState] = []
+        self.pools: dict[str, _ClusterPool] = {}
+        self.connections = 0
+        self.active_requests = 0
+        self.pending = 0
+        self.overflows = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        self.ssl_context: Any = None
+        self.tls_error: str | None = None
+        self.balancer: Balancer
+        self.detector: OutlierDetector | None = None
+        self.traffic = _DEFAULT_TRAFFIC
+        self.update(cluster)
+
+    # Read on every request; copied out of ``traffic.limits`` so the checks are flat.
+    max_connections: int | None = None
+    max_pending: int | None = None
+    max_requests: int | None = None
+    max_requests_per_connection: int | None = None
+    idle_timeout_s: float | None = None
+    connect_timeout_s: float | None = None
+
+    def update(self, cluster: Cluster) -> None:
+        """Adopt a (possibly reloaded) cluster: endpoint states are kept by
+        ``address:port`` so health and counters survive a reload."""
+        traffic = getattr(cluster, "traffic", None) or _DEFAULT_TRAFFIC
+        old = {e.key: e for e in self.endpoints}
+        endpoints = []
+        for endpoint in cluster.endpoints:
+            key = f"{endpoint.address}:{endpoint.port}"
+            state = old.get(key)
+            if state is None:
+                state = EndpointState(endpoint)
+            else:
+                state.endpoint = endpoint
+                state.weight = max(endpoint.weight, 1)
+            endpoints.append(state)
+        for key in old.keys() - {e.key for e in endpoints}:
+            pool = self.pools.pop(key, None)
+            if pool is not None:
+                pool.close()
+        self.endpoints = endpoints
+        if traffic != self.traffic or not hasattr(self, "balancer"):
+            if traffic.tls != self.traffic.tls or traffic.http2 != self.traffic.http2:
+                for pool in self.pools.values():
+                    pool.close()
+                self.pools.clear()
+                self.ssl_context = None
+                self.tls_error = None
+            self.balancer = make_balancer(traffic.lb)
+        self.traffic = traffic
+        self.cluster = cluster
+        limits = traffic.limits or ConnectionLimits()
+        self.max_connections = limits.max_connections
+        self.max_pending = limits.max_pending
+        self.max_requests = limits.max_requests
+        self.max_requests_per_connection = limits.max_requests_per_connection
+        self.idle_timeout_s = limits.idle_timeout_s
+        self.connect_timeout_s = limits.connect_timeout_s
+        if traffic.outlier is not None:
+            if self.detector is None:
+                self.detector = OutlierDetector(traffic.outlier, endpoints)
+            else:
+                self.detector.policy = traffic.outlier
+                self.detector.endpoints = endpoints
+                self.detector.version += 1
+        else:
+            self.detector = None
+            for state in endpoints:
+                state.healthy = True
+                state.ejected_until = 0.0
+
+    # -- endpoint choice --------------------------------------------------------------
+
+    def pick(self, key: int | None, avoid: EndpointState | None) -> EndpointState:
+        endpoints = self.endpoints
+        if not endpoints:
+            raise NoHealthyUpstream(f"cluster {self.name} has no endpoints")
+        detector = self.detector
+        version = 0
+        healthy: list[EndpointState] = endpoints
+        if detector is not None:
+            detector.refresh(time.monotonic())
+            version = detector.version
+            healthy = [e for e in endpoints if e.healthy]
+            if not healthy:
+                # Istio sets no panic threshold (minHealthPercent 0): with every
+                # endpoint ejected there is nobody to send to.
+                raise NoHealthyUpstream(f"every endpoint of {self.name} is ejected")
+        if avoid is not None and len(healthy) > 1:
+            # Istio's default retry host predicate: not the host that just failed.
+            others = [e for e in healthy if e is not avoid]
+            return self.balancer.pick(others, key, version + 1_000_003)
+        return self.balancer.pick(healthy, key, version)
+
+    def pool_for(self, state: EndpointState) -> _ClusterPool:
+        pool = self.pools.get(state.key)
+        if pool is None:
+            pool = self.pools[state.key] = _ClusterPool(self, state)
+        return pool
+
+    # -- circuit breakers -------------------------------------------------------------
+
+    def wake_one(self) -> None:
+        waiters = self._waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    async def connection(
+        self, pool: _ClusterPool, pools: UpstreamPools
+    ) -> tuple[UpstreamConnection, bool]:
+        """An idle connection, a new one within maxConnections, or a wait in the
+        pending queue within http1MaxPendingRequests (beyond it: 503 UO)."""
+        while True:
+            conn = pool.take_idle()
+            if conn is not None:
+                return conn, True
+            limit = self.max_connections
+            if limit is None or self.connections < limit:
+                return await self.open(pool, pools), False
+            if self.max_pending is not None and self.pending >= self.max_pending:
+                self.overflows += 1
+                raise UpstreamOverflow(f"{self.name}: {self.pending} requests already pending")
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            self.pending += 1
+            try:
+                await waiter
+            finally:
+                self.pending -= 1
+                if not waiter.done():
+                    waiter.cancel()
+
+    async def open(self, pool: _ClusterPool, pools: UpstreamPools) -> UpstreamConnection:
+        loop = asyncio.get_running_loop()
+        high = pools.write_buffer_high_bytes
+        tls = self.traffic.tls
+        ssl_context = None
+        server_hostname = None
+        if tls is not None:
+            ssl_context = self._ssl_context()
+            server_hostname = server_hostname_for(tls, self.cluster.host)
+        timeout_s = self.connect_timeout_s or pools.connect_timeout_s
+        self.connections += 1
+        try:
+            async with asyncio.timeout(timeout_s):
+                transport, conn = await loop.create_connection(
+                    lambda: UpstreamConnection(pool, high),
+                    pool.address,
+                    pool.port,
+                    ssl=ssl_context,
+                    server_hostname=server_hostname,
+                )
+        except TimeoutError as exc:
+            self.connections -= 1
+            raise UpstreamConnectFailure(f"connect to {pool.host_label} timed out") from exc
+        except (OSError, ValueError) as exc:
+            # ssl.SSLError is an OSError: a failed handshake is a connect failure (UF).
+            self.connections -= 1
+            raise UpstreamConnectFailure(f"connect to {pool.host_label}: {exc}") from exc
+        if (
+            tls is not None
+            and tls.subject_alt_names
+            and not tls.insecure_skip_verify
+            and not verify_subject_alt_names(
+                transport.get_extra_info("ssl_object"), tls.subject_alt_names
+            )
+        ):
+            conn.close()  # connection_lost will give the count back
+            raise UpstreamConnectFailure(
+                f"{pool.host_label}: certificate carries none of {tls.subject_alt_names}"
+            )
+        pool.connections_opened += 1
+        return conn
+
+    def _ssl_context(self) -> Any:
+        if self.ssl_context is None:
+            tls = self.traffic.tls
+            assert tls is not None
+            try:
+                self.ssl_context = client_context(tls, self.credentials_dir)
+            except TLSOriginationError as exc:
+                self.tls_error = str(exc)
+                raise UpstreamConnectFailure(f"{self.name}: {exc}") from exc
+        return self.ssl_context
+
+    def close(self) -> None:
+        for pool in self.pools.values():
+            pool.close()
+        self.pools.clear()
+
+
+# --------------------------------------------------------------------------- requests
+
+
+class _Body:
+    """The request body as the attempts need it: buffered when it fits the limit."""
+
+    __slots__ = ("chunks", "complete", "replayable", "size")
+
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.complete = False
+        self.replayable = True
+
+
+async def _buffer_body(ctx: RequestContext, limit: int) -> _Body:
+    body = _Body()
+    stream = ctx.stream
+    if stream.body_complete():
+        body.complete = True
+        return body
+    while True:
+        data = await stream.read_body()
+        if data:
+            body.chunks.append(data)
+            body.size += len(data)
+            ctx.bytes_received += len(data)
+        if not data or stream.body_complete():
+            body.complete = True
+            return body
+        if body.size > limit:
+            body.replayable = False
+            return body
+
+
+def _request_head_bytes(
+    head: RequestHead, authority: str, length: int | None, chunked: bool
+) -> bytes:
+    target = f"{head.path}?{head.query}" if head.query else head.path
+    parts = [f"{head.method} {target} HTTP/1.1\r\nhost: {authority}\r\n"]
+    for name, value in head.headers:
+        if name in ("content-length", "transfer-encoding"):
+            continue
+        parts.append(f"{name}: {value}\r\n")
+    if length is not None:
+        parts.append(f"content-length: {length}\r\n")
+    elif chunked:
+        parts.append("transfer-encoding: chunked\r\n")
+    parts.append("\r\n")
+    return "".join(parts).encode("latin-1")
+
+
+def _shadow_authority(authority: str) -> str:
+    """Envoy's mirror host: ``-shadow`` appended to the host name, port kept."""
+    if authority.startswith("["):
+        return authority  # an IP literal has no name to suffix
+    host, sep, port = authority.rpartition(":")
+    if sep and port.isdigit():
+        return f"{host}-shadow:{port}"
+    return f"{authority}-shadow"
+
+
+def _cookie(head: RequestHead, name: str) -> str | None:
+    raw = head.header("cookie")
+    if not raw:
+        return None
+    for part in raw.replace(",", ";").split(";"):
+        key, sep, value = part.strip().partition("=")
+        if sep and key == name:
+            return value
+    return None
+
+
+def _query_param(query: str, name: str) -> str | None:
+    for part in query.split("&"):
+        key, _, value = part.partition("=")
+        if key == name:
+            return value
+    return None
+
+
+class TrafficForwarder:
+    """Forwards requests whose route or cluster carries traffic policy."""
+
+    def __init__(
+        self,
+        stage: UpstreamStage,
+        pools: UpstreamPools,
+        *,
+        credentials_dir: str | None = None,
+        rnd: random.Random | None = None,
+    ) -> None:
+        self.stage = stage
+        self.pools = pools
+        self.credentials_dir = credentials_dir
+        self.rnd = rnd or random.Random()
+        # Cluster name -> state; read by the admin /clusters page.
+        self.clusters: dict[str, ClusterState] = {}
+        self.mirrors_in_flight = 0
+        self._mirror_tasks: set[asyncio.Task[None]] = set()
+
+    def state_for(self, cluster: Cluster) -> ClusterState:
+        state = self.clusters.get(cluster.name)
+        if state is None:
+            state = self.clusters[cluster.name] = ClusterState(cluster, self.credentials_dir)
+        elif state.cluster is not cluster:
+            state.update(cluster)
+        return state
+
+    # -- the request ------------------------------------------------------------------
+
+    async def forward(self, ctx: RequestContext, cluster: Cluster) -> None:
+        route = ctx.route
+        assert route is not None and ctx.forward is not None
+        traffic: RouteTraffic | None = getattr(route, "traffic", None)
+        fault = traffic.fault if traffic is not None else None
+        if fault is not None and await self._fault(ctx, fault):
+            return
+        state = self.state_for(cluster)
+        retry = traffic.retry if traffic is not None else None
+        mirrors = traffic.mirrors if traffic is not None else ()
+        body: _Body | None = None
+        if retry is not None or mirrors:
+            limit = retry.buffer_limit_bytes if retry is not None else 64 * 1024
+            body = await _buffer_body(ctx, limit)
+        if mirrors:
+            self._mirror(ctx, mirrors, body)
+        timeout_s = ctx.forward.timeout_s
+        started = perf_counter()
+        if timeout_s:
+            try:
+                async with asyncio.timeout(timeout_s):
+                    conn, endpoint = await self._attempts(ctx, state, retry, body)
+            except TimeoutError as exc:
+                raise UpstreamTimeout(f"no response head within {timeout_s}s") from exc
+        else:
+            conn, endpoint = await self._attempts(ctx, state, retry, body)
+        ctx.upstream_ms = (perf_counter() - started) * 1000.0
+        try:
+            await self._respond(ctx, state, conn)
+        finally:
+            endpoint.active_requests -= 1
+            state.active_requests -= 1
+
+    async def _fault(self, ctx: RequestContext, fault: Any) -> bool:
+        """Delay and/or abort; True when the request was answered here."""
+        rnd = self.rnd.random
+        if fault.delay_fraction and rnd() < fault.delay_fraction:
+            ctx.add_flag("DI")
+            await asyncio.sleep(fault.delay_s)
+        if fault.abort_fraction and rnd() < fault.abort_fraction:
+            ctx.add_flag("FI")
+            from .stages import finish_response_headers
+
+            if fault.abort_grpc_status is not None:
+                headers = [
+                    ("content-type", "application/grpc"),
+                    ("grpc-status", str(fault.abort_grpc_status)),
+                    ("grpc-message", "fault filter abort"),
+                    ("content-length", "0"),
+                ]
+                await ctx.send_head(ResponseHead(200, finish_response_headers(ctx, headers)), True)
+            else:
+                headers = [
+                    ("content-type", "text/plain"),
+                    ("content-length", str(len(_FAULT_ABORT_BODY))),
+                ]
+                head = ResponseHead(fault.abort_status, finish_response_headers(ctx, headers))
+                await ctx.send_whole(head, _FAULT_ABORT_BODY)
+            return True
+        return False
+
+    def _hash(self, ctx: RequestContext, state: ClusterState) -> tuple[int | None, str | None]:
+        """The consistent-hash key, and a cookie to set when one was generated."""
+        lb = state.traffic.lb
+        head = ctx.head
+        if lb.hash_header is not None:
+            value = head.header(lb.hash_header)
+            return (hash_key(value) if value is not None else None), None
+        if lb.hash_cookie is not None:
+            value = _cookie(head, lb.hash_cookie)
+            if value is not None:
+                return hash_key(value), None
+            if lb.hash_cookie_ttl_s is None:
+                return None, None
+            # Envoy: with a ttl and no cookie, make one so the client sticks from
+            # its next request on; ttl 0 makes it a session cookie.
+            value = secrets.token_hex(8)
+            cookie = f"{lb.hash_cookie}={value}"
+            if lb.hash_cookie_ttl_s:
+                cookie += f"; Max-Age={int(lb.hash_cookie_ttl_s)}"
+            if lb.hash_cookie_path:
+                cookie += f"; Path={lb.hash_cookie_path}"
+            return hash_key(value), cookie + "; HttpOnly"
+        if lb.hash_source_ip:
+            return hash_key(head.peer), None
+        if lb.hash_query is not None:
+            value = _query_param(head.query, lb.hash_query)
+            return (hash_key(value) if value is not None else None), None
+        return None, None
+
+    async def _attempts(
+        self,
+        ctx: RequestContext,
+        state: ClusterState,
+        retry: RetryPolicy | None,
+        body: _Body | None,
+    ) -> tuple[UpstreamConnection, EndpointState]:
+        key: int | None = None
+        cookie: str | None = None
+        if state.balancer.needs_key:
+            key, cookie = self._hash(ctx, state)
+        if cookie is not None:
+            extra = ctx.cors_headers or []
+            extra.append(("set-cookie", cookie))
+            ctx.cors_headers = extra
+        retries_left = retry.attempts if retry is not None else 0
+        per_try = retry.per_try_timeout_s if retry is not None else None
+        previous: EndpointState | None = None
+        attempt = 0
+        ctx.upstream_cluster = state.name
+        while True:
+            if state.max_requests is not None and state.active_requests >= state.max_requests:
+                state.overflows += 1
+                raise UpstreamOverflow(f"{state.name}: {state.active_requests} requests active")
+            endpoint = state.pick(key, previous)
+            pool = state.pool_for(endpoint)
+            ctx.upstream_host = pool.host_label
+            endpoint.active_requests += 1
+            state.active_requests += 1
+            replayable = body is None or (body.replayable and body.complete)
+            try:
+                if per_try:
+                    try:
+                        async with asyncio.timeout(per_try):
+                            conn = await self._exchange(ctx, state, pool, body)
+                    except TimeoutError as exc:
+                        raise UpstreamTimeout(f"no response head within {per_try}s") from exc
+                else:
+                    conn = await self._exchange(ctx, state, pool, body)
+            except GatewayError as error:
+                endpoint.active_requests -= 1
+                state.active_requests -= 1
+                if error.flag in ("UF", "UR", "UT") and state.detector is not None:
+                    state.detector.record_local_failure(endpoint, time.monotonic())
+                if (
+                    retry is not None
+                    and retries_left > 0
+                    and replayable
+                    and retry.retry_on_error(error.flag)
+                ):
+                    retries_left -= 1
+                    attempt += 1
+                    previous = endpoint
+                    await asyncio.sleep(self._backoff(attempt))
+                    continue
+                if retry is not None and retries_left == 0 and attempt:
+                    ctx.add_flag("URX")
+                raise
+            except BaseException:
+                endpoint.active_requests -= 1
+                state.active_requests -= 1
+                raise
+            status = conn.status
+            if state.detector is not None:
+                state.detector.record_status(endpoint, status, time.monotonic())
+            if retry is not None and retry.retry_on_status(status):
+                if retries_left > 0 and replayable:
+                    conn.close()
+                    endpoint.active_requests -= 1
+                    state.active_requests -= 1
+                    retries_left -= 1
+                    attempt += 1
+                    previous = endpoint
+                    await asyncio.sleep(self._backoff(attempt))
+                    continue
+                if attempt:
+                    ctx.add_flag("URX")
+            return conn, endpoint
+
+    def _backoff(self, attempt: int) -> float:
+        # Envoy: fully jittered exponential back-off, capped at ten times the base.
+        ceiling = min(_RETRY_BASE_S * (2 ** (attempt - 1)), _RETRY_BASE_S * 10)
+        return self.rnd.uniform(0, ceiling)
+
+    async def _exchange(
+        self, ctx: RequestContext, state: ClusterState, pool: _ClusterPool, body: _Body | None
+    ) -> UpstreamConnection:
+        head = ctx.head
+        stream = ctx.stream
+        head_only = head.method == "HEAD"
+        if body is None:
+            no_body = stream.body_complete()
+            length: int | None = None
+            if not no_body:
+                declared = head.header("content-length")
+                length = int(declared) if declared is not None and declared.isdigit() else None
+            chunked = not no_body and length is None
+        else:
+            no_body = body.complete and not body.size
+            length = body.size if body.complete else None
+            chunked = not body.complete
+            if no_body and head.header("content-length") is not None:
+                length = 0
+        request = _request_head_bytes(head, head.authority, length, chunked)
+        for attempt in (0, 1):
+            conn, reused = await state.connection(pool, self.pools)
+            try:
+                conn.begin(head_only)
+                conn.write(request)
+                if body is not None:
+                    for chunk in body.chunks:
+                        conn.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
+                    await conn.drain()
+                    if not body.complete:
+                        await self._stream_rest(ctx, conn)
+                    elif chunked:
+                        conn.write(b"0\r\n\r\n")
+                elif not no_body:
+                    await self.stage._send_body(ctx, conn, chunked)
+                if not conn.head_done:
+                    await conn.read_head()
+            except UpstreamReset:
+                conn.close()
+                # An idle pooled connection closed under us: the request never got
+                # there, so a fresh connection may be tried once (as the lean path does).
+                replayable = body is not None or no_body
+                if attempt == 0 and reused and replayable and not conn.received_any:
+                    continue
+                raise
+            except BaseException:
+                conn.close()
+                raise
+            return conn
+        raise AssertionError("unreachable")
+
+    async def _stream_rest(self, ctx: RequestContext, conn: UpstreamConnection) -> None:
+        stream = ctx.stream
+        while True:
+            data = await stream.read_body()
+            if data:
+                ctx.bytes_received += len(data)
+                conn.write(b"%x\r\n%b\r\n" % (len(data), data))
+                await conn.drain()
+            if not data or stream.body_complete():
+                conn.write(b"0\r\n\r\n")
+                return
+
+    async def _respond(
+        self, ctx: RequestContext, state: ClusterState, conn: UpstreamConnection
+    ) -> None:
+        head_only = ctx.head.method == "HEAD"
+        status = conn.status
+        response = ResponseHead(status, self.stage._response_headers(ctx, conn.headers))
+        try:
+            if head_only or status in (204, 304) or conn.message_done:
+                data = b"" if head_only else conn.take_body()
+                if data:
+                    await ctx.send_whole(response, data)
+                else:
+                    await ctx.send_head(response, True)
+            else:
+                await ctx.send_head(response, False)
+                while True:
+                    data = await conn.read_body()
+                    done = conn.message_done and not conn.chunks
+                    if not data:
+                        await ctx.send_body(b"", True)
+                        break
+                    await ctx.send_body(data, done)
+                    if done:
+                        break
+            if ctx.stream.body_complete():
+                conn.finish()
+            else:
+                conn.close()
+        except BaseException:
+            conn.close()
+            raise
+
+    # -- mirrors ----------------------------------------------------------------------
+
+    def _mirror(self, ctx: RequestContext, mirrors: Any, body: _Body | None) -> None:
+        snapshot = ctx.snapshot
+        if snapshot is None:
+            return
+        if body is not None and not (body.complete and body.replayable):
+            return  # a streamed body cannot be sent twice
+        for mirror in mirrors:
+            if mirror.fraction < 1.0 and self.rnd.random() >= mirror.fraction:
+                continue
+            cluster = snapshot.clusters.get(mirror.cluster)
+            if cluster is None or not cluster.endpoints:
+                continue
+            if self.mirrors_in_flight >= _MAX_MIRRORS_IN_FLIGHT:
+                return  # shed shadow traffic rather than pile it up
+            head = ctx.head
+            copy = RequestHead(
+                head.method,
+                head.path,
+                head.query,
+                _shadow_authority(head.authority),
+                head.scheme,
+                list(head.headers),
+                head.http_version,
+                head.port,
+                head.peer,
+            )
+            payload = b"".join(body.chunks) if body is not None else b""
+            task = asyncio.get_running_loop().create_task(
+                self._send_mirror(self.state_for(cluster), copy, payload)
+            )
+            self.mirrors_in_flight += 1
+            self._mirror_tasks.add(task)
+            task.add_done_callback(self._mirror_done)
+
+    def _mirror_done(self, task: asyncio.Task[None]) -> None:
+        self.mirrors_in_flight -= 1
+        self._mirror_tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.debug("mirror failed: %r", task.exception())
+
+    async def _send_mirror(self, state: ClusterState, head: RequestHead, payload: bytes) -> None:
+        """Send the copy, read the whole answer, drop it. Failures are only counted."""
+        conn: UpstreamConnection | None = None
+        with contextlib.suppress(GatewayError, OSError, TimeoutError):
+            async with asyncio.timeout(_MIRROR_TIMEOUT_S):
+                pool = state.pool_for(state.pick(None, None))
+                conn, _ = await state.connection(pool, self.pools)
+                conn.begin(head.method == "HEAD")
+                length = len(payload) if payload or head.header("content-length") else None
+                conn.write(_request_head_bytes(head, head.authority, length, False))
+                if payload:
+                    conn.write(payload)
+                await conn.read_head()
+                while await conn.read_body():
+                    pass
+                conn.finish()
+                conn = None
+        if conn is not None:
+            conn.close()
+
+    def close(self) -> None:
+        for task in list(self._mirror_tasks):
+            task.cancel()
+        for state in self.clusters.values():
+            state.close()
