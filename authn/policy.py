@@ -145,6 +145,11 @@ class SecurityPolicy:
     # client-sent header of the same name is removed first so it cannot be spoofed.
     output_headers: frozenset[str] = frozenset()
     authz: AuthzPolicies | None = None
+    # The common case, precomputed: one header location (and perhaps query
+    # parameters, which a request without a query string cannot use). The JWT stage
+    # then scans the header list once instead of the general extraction.
+    single_header: TokenLocation | None = None
+    param_locations: bool = False
 
     @property
     def jwks_uris(self) -> tuple[str, ...]:
@@ -272,4 +277,9 @@ def compile_security(
         if rule.output_payload_to_header:
             outputs.add(rule.output_payload_to_header)
         outputs.update(h for h, _ in rule.claim_to_headers)
-    return SecurityPolicy(tuple(rules), tuple(locations), frozenset(outputs), authz)
+    ordered = tuple(locations)
+    header_locs = [loc for loc in ordered if loc.source == "header"]
+    has_cookies = any(loc.source == "cookie" for loc in ordered)
+    single = header_locs[0] if len(header_locs) == 1 and not has_cookies else None
+    has_params = any(loc.source == "param" for loc in ordered)
+    return SecurityPolicy(tuple(rules), ordered, frozenset(outputs), authz, single, has_params)

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-__all__ = ["SecurityStats"]
+__all__ = ["SecurityStats", "render_exports"]
 
 
 def _label(value: str) -> str:
@@ -28,6 +28,17 @@ class SecurityStats:
     def __init__(self) -> None:
         self.jwt: dict[tuple[str, str], int] = {}
         self.authz: dict[tuple[str, str, str], int] = {}
+        # The two outcomes of almost every request, as plain attributes: the JWT
+        # stage's hot path adds to them without building a key.
+        self.accepted = 0
+        self.missing = 0
+
+    def _jwt_counts(self) -> dict[tuple[str, str], int]:
+        counts = dict(self.jwt)
+        for result, n in (("accepted", self.accepted), ("missing", self.missing)):
+            if n:
+                counts[(result, "")] = counts.get((result, ""), 0) + n
+        return counts
 
     def jwt_result(self, result: str, reason: str = "") -> None:
         key = (result, reason)
@@ -39,7 +50,7 @@ class SecurityStats:
 
     def export(self) -> dict[str, Any]:
         return {
-            "jwt": [[*k, v] for k, v in sorted(self.jwt.items())],
+            "jwt": [[*k, v] for k, v in sorted(self._jwt_counts().items())],
             "authz": [[*k, v] for k, v in sorted(self.authz.items())],
         }
 
@@ -48,7 +59,7 @@ class SecurityStats:
             "# TYPE meshgate_jwt_requests_total counter",
             *(
                 f'meshgate_jwt_requests_total{{result="{r}",reason="{_label(why)}"}} {n}'
-                for (r, why), n in sorted(self.jwt.items())
+                for (r, why), n in sorted(self._jwt_counts().items())
             ),
             "# TYPE meshgate_authz_decisions_total counter",
             *(
@@ -70,3 +81,22 @@ class SecurityStats:
                     f"{h['lastSuccess']:.3f}"
                 )
         return "\n".join(lines) + "\n"
+
+
+def render_exports(statuses: Iterable[Mapping[str, Any]]) -> bytes:
+    """Prometheus text for the ``SecurityRuntime.status()`` of every serving process:
+    decision counters summed, JWKS health per URI (the freshest process's)."""
+    merged = SecurityStats()
+    health: dict[str, Mapping[str, Any]] = {}
+    for status in statuses:
+        decisions = status.get("decisions", {})
+        for result, reason, n in decisions.get("jwt", []):
+            merged.jwt[(result, reason)] = merged.jwt.get((result, reason), 0) + n
+        for decision, action, policy, n in decisions.get("authz", []):
+            key = (decision, action, policy)
+            merged.authz[key] = merged.authz.get(key, 0) + n
+        for h in status.get("jwks", []):
+            seen = health.get(h["uri"])
+            if seen is None or (h["lastSuccess"] or 0) > (seen["lastSuccess"] or 0):
+                health[h["uri"]] = h
+    return merged.collect_text(health[uri] for uri in sorted(health)).encode()

@@ -61,7 +61,9 @@ def _check_binding(r: Reporter, spec: Any) -> None:
     ]
     if len(set_fields) > 1:
         r.error(
-            "spec", f"only one of selector, targetRef or targetRefs may be set; found {set_fields}"
+            "spec",
+            "only one of selector, targetRef or targetRefs may be set; found "
+            + ", ".join(set_fields),
         )
     refs: list[tuple[str, PolicyTargetReference]] = [
         (f"spec.targetRefs[{i}]", ref) for i, ref in enumerate(spec.target_refs)
@@ -117,7 +119,8 @@ def _check_jwt_rule(r: Reporter, p: str, rule: JWTRule) -> None:
             r.error(f"{p}.jwks", str(exc))
         else:
             if not keys.keys:
-                r.error(f"{p}.jwks", "no usable key: " + "; ".join(keys.skipped))
+                why = "; ".join(keys.skipped) or "the key set is empty"
+                r.error(f"{p}.jwks", f"no usable key: {why}")
             for why in keys.skipped:
                 r.warn(f"{p}.jwks", f"ignored {why}")
     for i, header in enumerate(rule.from_headers):

@@ -69,6 +69,9 @@ class ProcessServices:
         self._stats_server: asyncio.AbstractServer | None = None
         self._stats_path: str | None = None
 
+    # authn.runtime.SecurityRuntime of a serving process, set by the runtime.
+    security: Any = None
+
     def pipeline_kwargs(self) -> dict[str, Any]:
         return {"metrics": self.metrics, "tracing": self.tracing, "exporter": self.exporter}
 
@@ -119,6 +122,7 @@ class ProcessServices:
                 "exported": exporter.exported if exporter else 0,
                 "dropped": exporter.dropped if exporter else 0,
             },
+            "security": self.security.status() if self.security is not None else None,
         }
 
     def admin_state(self, stats_dir: str | None = None) -> AdminState:

@@ -133,6 +133,9 @@ def _state_routes(state: AdminState) -> list[Route]:
                 ],
                 "resources": [_resource(r) for r in model.resources] if model else [],
                 "snapshot": snapshot_to_dict(snapshot) if snapshot is not None else None,
+                # Per process: JWKS health (last success, last error, key count) and
+                # authentication/authorization decision counters.
+                "security": [p["security"] for p in processes if p.get("security")],
             }
         )
 
@@ -165,6 +168,9 @@ def _state_routes(state: AdminState) -> list[Route]:
         series = merge_exports(p.get("metrics", []) for p in processes)
         body = render_text(series, state.workload, protocol_of)
         body += _own_metrics(state.reload(), processes)
+        from authn.stats import render_exports
+
+        body += render_exports([p["security"] for p in processes if p.get("security")])
         return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     return [
