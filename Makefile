@@ -44,3 +44,17 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
+
+# The container image the helm chart runs (Dockerfile), tagged with the package version.
+IMAGE ?= meshgate
+IMAGE_TAG ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+CONTAINER_BUILDER ?= $(shell for b in docker podman buildah; do \
+	command -v $$b >/dev/null 2>&1 && { echo $$b; break; }; done)
+
+.PHONY: image
+image:
+	@test -n "$(CONTAINER_BUILDER)" || { echo "make image needs a container builder:" \
+	"docker, podman or buildah on PATH (or CONTAINER_BUILDER=...); none was found"; exit 1; }
+	@$(CONTAINER_BUILDER) info >/dev/null 2>&1 || { echo "$(CONTAINER_BUILDER) is on PATH" \
+	"but cannot build here (is its engine running? see: $(CONTAINER_BUILDER) info)"; exit 1; }
+	$(CONTAINER_BUILDER) build -t $(IMAGE):$(IMAGE_TAG) .
