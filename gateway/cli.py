@@ -55,6 +55,28 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("--gateway-class", default="meshgate", help="Gateway API class name")
     run.add_argument("--workers", type=int, default=1, help="processes sharing the ports (1)")
     run.add_argument("--log-format", choices=("json", "text"), default="json")
+    ops = run.add_argument_group("reload and telemetry (docs/operations.md)")
+    ops.add_argument(
+        "--reload-interval-s",
+        type=float,
+        default=1.0,
+        help="seconds between checks of the config files for changes; 0: SIGHUP only (1)",
+    )
+    ops.add_argument(
+        "--trace-sampling",
+        type=float,
+        default=1.0,
+        metavar="PERCENT",
+        help="share of traces started here that are sampled, in percent (1)",
+    )
+    ops.add_argument(
+        "--otlp-endpoint", metavar="URL", help="export sampled spans as OTLP/HTTP JSON here"
+    )
+    ops.add_argument(
+        "--workload-name",
+        default="meshgate-ingressgateway",
+        help="this gateway's workload name in metrics (meshgate-ingressgateway)",
+    )
     limits = run.add_argument_group("limits (defaults in docs/operations.md)")
     limits.add_argument("--max-request-header-bytes", type=int, help="head size; over it: 431")
     limits.add_argument("--max-request-headers", type=int, help="header count; over it: 431")
@@ -150,8 +172,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
         log_format=args.log_format,
         settings=replace(ServerSettings(), **limits),
         drain_timeout_s=args.drain_timeout_s,
+        reload_interval_s=args.reload_interval_s,
+        trace_sampling=max(0.0, min(100.0, args.trace_sampling)) / 100.0,
+        otlp_endpoint=_otlp_endpoint(args.otlp_endpoint),
+        workload_name=args.workload_name,
     )
     return run(options)
+
+
+def _otlp_endpoint(url: str | None) -> str | None:
+    if url is not None and not url.startswith("http://"):
+        raise SystemExit(f"meshgate: --otlp-endpoint {url!r}: only http:// URLs are supported")
+    return url
 
 
 def _cmd_demo_backend(args: argparse.Namespace) -> int:

@@ -8,8 +8,10 @@
                     they have all exited
 
 SIGTERM or SIGINT: stop accepting, let requests in flight finish (bounded by
-``drain_timeout_s``), exit 0. The current Snapshot is held in a ``SnapshotRef`` that a
-reload will swap by reference; a request reads it once and keeps its snapshot.
+``drain_timeout_s``), exit 0. SIGHUP, or a changed configuration file: reload
+(``gateway.reload``, wired in by ``gateway.services``). The current Snapshot is held in
+a ``SnapshotRef`` that a reload swaps by reference; a request reads it once and keeps
+its snapshot.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ import signal
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
+from .config.errors import Model
 from .routing.table import Snapshot
 from .server.settings import ServerSettings
 
@@ -39,6 +43,11 @@ class RunOptions:
     log_format: str = "json"
     settings: ServerSettings = field(default_factory=ServerSettings)
     drain_timeout_s: float = 5.0
+    reload_interval_s: float = 1.0  # how often config files are checked (0: SIGHUP only)
+    trace_sampling: float = 0.01  # probability of sampling a trace the gateway starts
+    otlp_endpoint: str | None = None  # http://host:port/v1/traces; None: no export
+    workload_name: str = "meshgate-ingressgateway"  # source_workload in metrics
+    stats_dir: str | None = None  # set by the supervisor: where workers answer the parent
 
 
 class SnapshotRef:
@@ -50,18 +59,53 @@ class SnapshotRef:
         self.current = snapshot
 
 
+def _services(
+    options: RunOptions, ref: SnapshotRef, readiness: Any, pools: Any, serving: bool
+) -> Any:
+    from .metrics import WorkloadLabels
+    from .services import ProcessServices
+
+    snapshot = ref.current
+    assert snapshot is not None
+    return ProcessServices(
+        paths=options.paths,
+        build=lambda: build_snapshot(options),
+        ref=ref,
+        model=_models.get(snapshot.version) or Model(()),
+        readiness=readiness,
+        reload_interval_s=options.reload_interval_s,
+        trace_sampling=options.trace_sampling,
+        otlp_endpoint=options.otlp_endpoint,
+        workload=WorkloadLabels(options.workload_name, "istio-system"),
+        pools=pools,
+        serving=serving,
+    )
+
+
 def _say(message: str) -> None:
     print(f"meshgate: {message}", file=sys.stderr, flush=True)
+
+
+# The Model each loaded Snapshot was compiled from (by version), for the admin config
+# dump of the first configuration; reloads keep theirs in the Reloader.
+_models: dict[str, Model] = {}
+
+
+def build_snapshot(options: RunOptions) -> tuple[Model, Snapshot]:
+    """Load, validate and compile; raises ``ConfigErrors`` with every problem."""
+    from .config.load import load_config
+    from .routing.compile import compile_snapshot
+
+    model = load_config(list(options.paths))
+    return model, compile_snapshot(model, dict(options.labels))
 
 
 def load_snapshot(options: RunOptions) -> Snapshot | None:
     """Load and compile; prints every problem and returns None when invalid."""
     from .config import ConfigErrors
-    from .config.load import load_config
-    from .routing.compile import compile_snapshot
 
     try:
-        model = load_config(list(options.paths))
+        model, snapshot = build_snapshot(options)
     except ConfigErrors as exc:
         for warning in exc.warnings:
             print(f"warning: {warning}", file=sys.stderr)
@@ -71,7 +115,8 @@ def load_snapshot(options: RunOptions) -> Snapshot | None:
         return None
     for warning in model.warnings:
         print(f"warning: {warning}", file=sys.stderr)
-    return compile_snapshot(model, dict(options.labels))
+    _models[snapshot.version] = model
+    return snapshot
 
 
 def run(options: RunOptions) -> int:
@@ -116,13 +161,29 @@ async def _serve_worker(
     settings = options.settings
     access_log = AccessLog(options.log_format)
     pools = UpstreamPools(write_buffer_high_bytes=settings.write_buffer_high_bytes)
-    pipeline = Pipeline(SnapshotRef(snapshot), pools, access_log)
-    listeners = ListenerSet(pipeline.handle, settings, options.address)
+    snapshot_ref = SnapshotRef(snapshot)
     readiness = Readiness(snapshot_version=snapshot.version)
+    services = _services(options, snapshot_ref, readiness, pools, serving=True)
+    loop.add_signal_handler(signal.SIGHUP, services.sighup)
+    pipeline = Pipeline(snapshot_ref, pools, access_log, **services.pipeline_kwargs())
+    listeners = ListenerSet(pipeline.handle, settings, options.address)
+
+    async def follow_reload(old: Snapshot, new: Snapshot) -> list[str]:
+        from .server.listeners import partition_listeners
+        from .services import rebind_listeners
+
+        def served(snap: Snapshot) -> set[int]:
+            return {lst.port for lst in partition_listeners(snap.listeners.values())[0]}
+
+        return await rebind_listeners(listeners, old, new, served)
+
+    services.on_applied(follow_reload)
     admin_stop = asyncio.Event()
     admin_task = None
     if admin:
-        admin_task = loop.create_task(serve_admin(readiness, options.admin_port, admin_stop))
+        admin_task = loop.create_task(
+            serve_admin(readiness, options.admin_port, admin_stop, services.admin_state())
+        )
     try:
         await listeners.start(ports)
     except OSError as exc:
@@ -131,6 +192,7 @@ async def _serve_worker(
         if admin_task is not None:
             await admin_task
         return 1
+    await services.start(options.stats_dir)
     readiness.listeners_up = True
     if ready_fd is not None:
         os.write(ready_fd, b"1")
@@ -143,6 +205,7 @@ async def _serve_worker(
     readiness.draining = True
     await listeners.stop(options.drain_timeout_s)
     pools.close()
+    await services.close()
     access_log.flush()
     admin_stop.set()
     if admin_task is not None:
@@ -166,8 +229,15 @@ def _die_with_parent() -> None:
 
 def _supervise(options: RunOptions, snapshot: Snapshot, ports: list[int]) -> int:
     """Fork the workers, serve the admin API, relay signals, reap children."""
+    import shutil
+    import tempfile
+    from dataclasses import replace
+
     import uvloop
 
+    # Private (0700) directory for the workers' stats sockets (see admin/stats.py).
+    stats_dir = tempfile.mkdtemp(prefix="meshgate-stats-")
+    options = replace(options, stats_dir=stats_dir)
     ready_read, ready_write = os.pipe()
     children: list[int] = []
     for _ in range(options.workers):
@@ -185,7 +255,10 @@ def _supervise(options: RunOptions, snapshot: Snapshot, ports: list[int]) -> int
                 os._exit(code)
         children.append(pid)
     os.close(ready_write)
-    return uvloop.run(_parent(options, snapshot, ports, children, ready_read))
+    try:
+        return uvloop.run(_parent(options, snapshot, ports, children, ready_read))
+    finally:
+        shutil.rmtree(stats_dir, ignore_errors=True)
 
 
 async def _parent(
@@ -195,8 +268,15 @@ async def _parent(
 
     loop = asyncio.get_running_loop()
     readiness = Readiness(snapshot_version=snapshot.version)
+    # The parent reloads its own copy (for /config_dump and /routes); the workers
+    # reload theirs from the same files, and SIGHUP is passed on to them.
+    services = _services(options, SnapshotRef(snapshot), readiness, None, serving=False)
     admin_stop = asyncio.Event()
-    admin_task = loop.create_task(serve_admin(readiness, options.admin_port, admin_stop))
+    admin_task = loop.create_task(
+        serve_admin(
+            readiness, options.admin_port, admin_stop, services.admin_state(options.stats_dir)
+        )
+    )
     alive = set(children)
     codes: list[int] = []
     all_exited = asyncio.Event()
@@ -222,9 +302,17 @@ async def _parent(
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum)
 
+    def hangup() -> None:
+        for pid in alive:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGHUP)
+        services.sighup()
+
     loop.add_reader(ready_fd, on_ready)
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, forward, signum)
+    loop.add_signal_handler(signal.SIGHUP, hangup)
+    await services.start()
 
     async def watch(pid: int) -> None:
         # uvloop keeps SIGCHLD for itself, so each child is waited for in a thread.
@@ -240,6 +328,7 @@ async def _parent(
     watchers = [loop.create_task(watch(pid)) for pid in children]
     await all_exited.wait()
     await asyncio.gather(*watchers)
+    await services.close()
     admin_stop.set()
     with contextlib.suppress(Exception):
         await admin_task
