@@ -332,6 +332,8 @@ class ClusterTraffic:
     outlier: OutlierPolicy | None = None
     tls: UpstreamTLS | None = None
     http2: bool = False  # speak HTTP/2 to the endpoints
+    # Endpoint weights differ: the lean path's plain rotation would ignore them.
+    weighted: bool = False
 
 
 _H2_PROTOCOLS = frozenset({"HTTP2", "GRPC", "GRPC-WEB"})
@@ -419,9 +421,12 @@ def _tls(spec: Mapping[str, Any]) -> UpstreamTLS | None:
     )
 
 
-def compile_cluster_traffic(policy: Mapping[str, Any], protocol: str) -> ClusterTraffic | None:
-    """The typed policy of one cluster from its merged ``policy`` mapping and its
-    port protocol. None when everything is at its default (the fast path)."""
+def compile_cluster_traffic(
+    policy: Mapping[str, Any], protocol: str, *, weighted: bool = False
+) -> ClusterTraffic | None:
+    """The typed policy of one cluster from its merged ``policy`` mapping, its port
+    protocol and whether its endpoints' weights differ. None when everything is at
+    its default (the fast path)."""
     lb_spec = policy.get("loadBalancer")
     pool_spec = policy.get("connectionPool")
     outlier_spec = policy.get("outlierDetection")
@@ -437,5 +442,6 @@ def compile_cluster_traffic(policy: Mapping[str, Any], protocol: str) -> Cluster
         outlier=_outlier(outlier_spec) if isinstance(outlier_spec, Mapping) else None,
         tls=_tls(tls_spec) if isinstance(tls_spec, Mapping) else None,
         http2=http2,
+        weighted=weighted,
     )
     return None if traffic == ClusterTraffic() else traffic

@@ -37,6 +37,7 @@ from .routing.table import (
 )
 from .server.altsvc import ADVERTISED, add_alt_svc
 from .server.events import DownstreamStream, RequestHead, ResponseHead
+from .traffic import TrafficForwarder
 from .upstream.pool import UpstreamConnection, UpstreamPools
 
 __all__ = [
@@ -480,6 +481,11 @@ class UpstreamStage:
 
     def __init__(self, pools: UpstreamPools) -> None:
         self.pools = pools
+        # Routes with retries/faults/mirrors and clusters with a DestinationRule policy
+        # go through the forwarder; everything else stays on the lean path below.
+        self.traffic = TrafficForwarder(
+            self, pools, credentials_dir=getattr(pools, "credentials_dir", None)
+        )
 
     async def forward(self, ctx: RequestContext) -> None:
         snapshot = ctx.snapshot
@@ -488,6 +494,8 @@ class UpstreamStage:
         cluster = snapshot.clusters.get(destination.cluster)
         if cluster is None:
             raise NoHealthyUpstream(f"no cluster {destination.cluster}")
+        if cluster.traffic is not None or ctx.route.traffic is not None:  # type: ignore[union-attr]
+            return await self.traffic.forward(ctx, cluster)
         ctx.upstream_cluster = cluster.name
         pools = self.pools
         pool = pools.pool_for(pools.pick_endpoint(cluster))

@@ -333,6 +333,8 @@ class _Compiler:
                 for route in vhost.routes:
                     if isinstance(route.action, Forward):
                         used.update(d.cluster for d in route.action.destinations)
+                    if route.traffic is not None:
+                        used.update(m.cluster for m in route.traffic.mirrors)
         clusters = {name: self.clusters[name] for name in sorted(used)}
         return Snapshot(
             version="",
@@ -642,7 +644,9 @@ class _Compiler:
             protocol=protocol,
             endpoints=endpoints,
             policy=policy,
-            traffic=compile_cluster_traffic(policy, protocol),
+            traffic=compile_cluster_traffic(
+                policy, protocol, weighted=len({e.weight for e in endpoints}) > 1
+            ),
         )
 
     def _rule_for(self, host: str) -> Resource | None:

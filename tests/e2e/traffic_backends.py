@@ -1,0 +1,185 @@
+"""Helpers (no tests) for the traffic-policy end-to-end tests: a scriptable HTTP/1.1
+backend (plain or TLS, in a thread) and a throw-away certificate authority."""
+
+from __future__ import annotations
+
+import datetime
+import http.server
+import ssl
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+
+class Recorder:
+    """What one scripted backend has seen, with a condition to wait on."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.requests: list[dict[str, Any]] = []
+        self.counts: dict[str, int] = defaultdict(int)
+        self.cond = threading.Condition()
+
+    def add(self, record: dict[str, Any]) -> None:
+        with self.cond:
+            self.requests.append(record)
+            self.cond.notify_all()
+
+    def wait_for(self, pred: Any, timeout_s: float = 5.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout_s
+        with self.cond:
+            while True:
+                for record in self.requests:
+                    if pred(record):
+                        return record
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"{self.name} saw no matching request: {self.requests}")
+                self.cond.wait(left)
+
+    def paths(self) -> list[str]:
+        with self.cond:
+            return [r["path"] for r in self.requests]
+
+
+def _handler(recorder: Recorder) -> type[http.server.BaseHTTPRequestHandler]:
+    class Handler(http.server.BaseHTTPRequestHandler):
+        """Query controls: ``fail=N&key=K&status=S`` answers S to the first N requests
+        of key K, then 200; ``status=S`` alone always answers S; ``ms=N`` waits first
+        (in the handler thread, standing in for a slow backend)."""
+
+        protocol_version = "HTTP/1.1"
+
+        def _answer(self) -> None:
+            url = urlsplit(self.path)
+            query = {k: v[0] for k, v in parse_qs(url.query).items()}
+            length = int(self.headers.get("content-length") or 0)
+            body = self.rfile.read(length) if length else b""
+            record = {
+                "method": self.command,
+                "path": url.path,
+                "host": self.headers.get("host"),
+                "body": body,
+                "headers": dict(self.headers.items()),
+            }
+            recorder.add(record)
+            if "ms" in query:
+                time.sleep(int(query["ms"]) / 1000)  # the backend being slow is the test
+            status = 200
+            if "fail" in query:
+                key = query.get("key", url.path)
+                with recorder.cond:
+                    recorder.counts[key] += 1
+                    seen = recorder.counts[key]
+                if seen <= int(query["fail"]):
+                    status = int(query.get("status", "503"))
+            elif "status" in query:
+                status = int(query["status"])
+            payload = f"{recorder.name} {status} {len(body)}".encode()
+            self.send_response(status)
+            self.send_header("content-length", str(len(payload)))
+            self.send_header("x-served-by", recorder.name)
+            self.end_headers()
+            self.wfile.write(payload)
+
+        do_GET = do_POST = _answer
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    return Handler
+
+
+class ScriptedBackend:
+    def __init__(self, port: int, name: str, ssl_context: ssl.SSLContext | None = None) -> None:
+        self.recorder = Recorder(name)
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", port), _handler(self.recorder))
+        self.server.daemon_threads = True
+        if ssl_context is not None:
+            self.server.socket = ssl_context.wrap_socket(self.server.socket, server_side=True)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+# --------------------------------------------------------------------------- certificates
+
+
+def _key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _name(common_name: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+
+class TestCA:
+    """A CA that signs leaf certificates into files under ``folder``."""
+
+    __test__ = False  # a helper, not a test class
+
+    def __init__(self, folder: Path, name: str = "meshgate test CA") -> None:
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+        self.key = _key()
+        now = datetime.datetime.now(datetime.UTC)
+        self.cert = (
+            x509.CertificateBuilder()
+            .subject_name(_name(name))
+            .issuer_name(_name(name))
+            .public_key(self.key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(self.key, hashes.SHA256())
+        )
+        self.ca_path = folder / f"{name.replace(' ', '-')}.crt"
+        self.ca_path.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
+
+    def issue(self, stem: str, dns: list[str], uris: list[str] = ()) -> tuple[Path, Path]:
+        key = _key()
+        now = datetime.datetime.now(datetime.UTC)
+        names: list[x509.GeneralName] = [x509.DNSName(d) for d in dns]
+        names += [x509.UniformResourceIdentifier(u) for u in uris]
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(_name(stem))
+            .issuer_name(self.cert.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName(names), critical=False)
+            .sign(self.key, hashes.SHA256())
+        )
+        cert_path = self.folder / f"{stem}.crt"
+        key_path = self.folder / f"{stem}.key"
+        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        key_path.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+        return cert_path, key_path
+
+    def server_context(self, stem: str, dns: list[str], *, require_client: bool) -> ssl.SSLContext:
+        cert, key = self.issue(stem, dns)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(cert, key)
+        if require_client:
+            context.verify_mode = ssl.CERT_REQUIRED
+            context.load_verify_locations(cafile=self.ca_path)
+        return context
