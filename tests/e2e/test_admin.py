@@ -104,7 +104,7 @@ def _wait_metric(admin: int, name: str, want: float, timeout_s: float = 10.0, **
 
 def test_admin_endpoints_describe_the_running_gateway(stack: tuple[int, int, Path]) -> None:
     port, admin, config = stack
-    gateway = AdminGateway(config, admin, "--workload-name", "edge-gw", "--namespace", "edge")
+    gateway = AdminGateway(config, admin, "--workload-name", "edge-gw")
     base = f"http://127.0.0.1:{admin}"
     try:
         ready = httpx.get(f"{base}/healthz/ready", timeout=5)
@@ -132,7 +132,7 @@ def test_admin_endpoints_describe_the_running_gateway(stack: tuple[int, int, Pat
                 "istio_requests_total",
                 reporter="source",
                 source_workload="edge-gw",
-                source_workload_namespace="edge",
+                source_workload_namespace="istio-system",
                 destination_service="echo.shop.svc.cluster.local",
                 destination_service_name="echo",
                 destination_service_namespace="shop",
