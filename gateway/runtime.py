@@ -162,7 +162,7 @@ async def _serve_worker(
     access_log = AccessLog(options.log_format)
     pools = UpstreamPools(write_buffer_high_bytes=settings.write_buffer_high_bytes)
     # Upstream TLS (DestinationRule tls.credentialName) reads the same directory.
-    pools.credentials_dir = options.credentials_dir  # type: ignore[attr-defined]
+    pools.credentials_dir = getattr(options, "credentials_dir", None)  # type: ignore[attr-defined]
     snapshot_ref = SnapshotRef(snapshot)
     readiness = Readiness(snapshot_version=snapshot.version)
     services = _services(options, snapshot_ref, readiness, pools, serving=True)
