@@ -55,6 +55,17 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("--gateway-class", default="meshgate", help="Gateway API class name")
     run.add_argument("--workers", type=int, default=1, help="processes sharing the ports (1)")
     run.add_argument("--log-format", choices=("json", "text"), default="json")
+    run.add_argument(
+        "--credentials-dir",        "--credentials-dir",
+        metavar="DIR",
+        help="where credentialName is looked up: DIR/<name>/tls.crt, tls.key, ca.crt",
+    )
+    run.add_argument(
+        "--cert-poll-s",
+        type=float,
+        default=2.0,
+        help="seconds between checks of certificate files for changes; 0: never (2)",
+    )
     ops = run.add_argument_group("reload and telemetry (docs/operations.md)")
     ops.add_argument(
         "--reload-interval-s",
@@ -176,6 +187,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         trace_sampling=max(0.0, min(100.0, args.trace_sampling)) / 100.0,
         otlp_endpoint=_otlp_endpoint(args.otlp_endpoint),
         workload_name=args.workload_name,
+        credentials_dir=args.credentials_dir,
+        cert_poll_s=args.cert_poll_s,
     )
     return run(options)
 

@@ -43,6 +43,8 @@ class RunOptions:
     log_format: str = "json"
     settings: ServerSettings = field(default_factory=ServerSettings)
     drain_timeout_s: float = 5.0
+    credentials_dir: str | None = None  # credentialName -> <dir>/<name>/tls.crt, tls.key, ca.crt
+    cert_poll_s: float = 2.0  # how often certificate files are checked for changes (0: never)
     reload_interval_s: float = 1.0  # how often config files are checked (0: SIGHUP only)
     trace_sampling: float = 0.01  # probability of sampling a trace the gateway starts
     otlp_endpoint: str | None = None  # http://host:port/v1/traces; None: no export
@@ -130,7 +132,7 @@ def run(options: RunOptions) -> int:
     for listener in skipped:
         _say(
             f"skipping {listener.protocol} listener on port {listener.port}: "
-            "TLS listeners are not served by this version"
+            "not served by this version"
         )
     ports = sorted(listener.port for listener in served)
     if options.workers <= 1:
@@ -169,6 +171,16 @@ async def _serve_worker(
     loop.add_signal_handler(signal.SIGHUP, services.sighup)
     pipeline = Pipeline(snapshot_ref, pools, access_log, **services.pipeline_kwargs())
     listeners = ListenerSet(pipeline.handle, settings, options.address)
+    tls_listeners = [
+        snapshot.listeners[port] for port in ports if snapshot.listeners[port].tls_servers
+    ]
+    if tls_listeners:
+        from .server.tls import CertificateStore
+
+        listeners.certificates = CertificateStore(tls_listeners, options.credentials_dir)
+        listeners.snapshot_ref = snapshot_ref
+        for problem in listeners.certificates.errors():
+            _say(f"TLS: {problem}")
 
     async def follow_reload(old: Snapshot, new: Snapshot) -> list[str]:
         from .server.listeners import partition_listeners
@@ -187,13 +199,18 @@ async def _serve_worker(
             serve_admin(readiness, options.admin_port, admin_stop, services.admin_state())
         )
     try:
-        await listeners.start(ports)
+        tls_ports = {listener.port for listener in tls_listeners}
+        await listeners.start([port for port in ports if port not in tls_ports])
+        if tls_listeners:
+            await listeners.start_tls(tls_listeners)
     except OSError as exc:
         _say(f"cannot bind {options.address}: {exc}")
         admin_stop.set()
         if admin_task is not None:
             await admin_task
         return 1
+    if listeners.certificates is not None:
+        listeners.certificates.start(options.cert_poll_s)
     await services.start(options.stats_dir)
     readiness.listeners_up = True
     if ready_fd is not None:
@@ -206,6 +223,8 @@ async def _serve_worker(
     await stop.wait()
     readiness.draining = True
     await listeners.stop(options.drain_timeout_s)
+    if listeners.certificates is not None:
+        await listeners.certificates.close()
     pools.close()
     await services.close()
     access_log.flush()

@@ -41,6 +41,7 @@ __all__ = [
     "HTTPSettings",
     "HeaderOperations",
     "Headers",
+    "L4MatchAttributes",
     "LoadBalancerSettings",
     "Metadata",
     "OutlierDetection",
@@ -50,12 +51,16 @@ __all__ = [
     "PortTrafficPolicy",
     "RegexRewrite",
     "Resource",
+    "RouteDestination",
     "ServerTLSSettings",
     "ServiceEntryPort",
     "ServiceEntrySpec",
     "StringMatch",
     "Subset",
+    "TCPRoute",
     "TCPSettings",
+    "TLSMatchAttributes",
+    "TLSRoute",
     "TrafficPolicy",
     "VirtualServiceSpec",
     "WorkloadEntry",
@@ -299,12 +304,52 @@ class HTTPRoute:
 
 
 @dataclass(frozen=True, slots=True)
+class RouteDestination:
+    """A ``tls[]``/``tcp[]`` route destination (no header edits at layer 4)."""
+
+    destination: Destination
+    weight: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TLSMatchAttributes:
+    sni_hosts: list[str]
+    destination_subnets: list[str] = field(default_factory=list)
+    port: int | None = None
+    source_labels: dict[str, str] = field(default_factory=dict)
+    gateways: list[str] = field(default_factory=list)
+    source_namespace: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TLSRoute:
+    match: list[TLSMatchAttributes]
+    route: list[RouteDestination] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class L4MatchAttributes:
+    destination_subnets: list[str] = field(default_factory=list)
+    port: int | None = None
+    source_subnet: str | None = None
+    source_labels: dict[str, str] = field(default_factory=dict)
+    gateways: list[str] = field(default_factory=list)
+    source_namespace: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TCPRoute:
+    match: list[L4MatchAttributes] = field(default_factory=list)
+    route: list[RouteDestination] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
 class VirtualServiceSpec:
     hosts: list[str] = field(default_factory=list)
     gateways: list[str] = field(default_factory=list)
     http: list[HTTPRoute] = field(default_factory=list)
-    tls: list[dict[str, Any]] = field(default_factory=list)  # parsed in a later issue
-    tcp: list[dict[str, Any]] = field(default_factory=list)  # parsed in a later issue
+    tls: list[TLSRoute] = field(default_factory=list)
+    tcp: list[TCPRoute] = field(default_factory=list)
     export_to: list[str] = field(default_factory=list)
 
 

@@ -71,7 +71,16 @@ SERVER_TLS_MODES = (
 CLIENT_TLS_MODES = ("DISABLE", "SIMPLE", "MUTUAL", "ISTIO_MUTUAL")
 TLS_VERSIONS = ("TLS_AUTO", "TLSV1_0", "TLSV1_1", "TLSV1_2", "TLSV1_3")
 LB_SIMPLE = ("UNSPECIFIED", "RANDOM", "PASSTHROUGH", "ROUND_ROBIN", "LEAST_REQUEST", "LEAST_CONN")
-LB_ENFORCED = (None, "UNSPECIFIED", "ROUND_ROBIN")
+# Envoy retry conditions meshgate acts on (gateway.policy.RetryPolicy); others warn.
+RETRY_ON = (
+    "5xx",
+    "gateway-error",
+    "reset",
+    "connect-failure",
+    "retriable-4xx",
+    "refused-stream",
+    "retriable-status-codes",
+)
 DERIVE_PORT = ("FROM_PROTOCOL_DEFAULT", "FROM_REQUEST_PORT")
 H2_UPGRADE = ("DEFAULT", "DO_NOT_UPGRADE", "UPGRADE")
 RESOLUTIONS = ("NONE", "STATIC", "DNS", "DNS_ROUND_ROBIN")
@@ -393,20 +402,18 @@ def _check_http_route(r: _Report, p: str, route: HTTPRoute) -> None:
                 r.regex(f"{p}.rewrite.uriRegexRewrite.match", rw.uri_regex_rewrite.match)
     r.duration(f"{p}.timeout", route.timeout)
     if route.retries is not None:
-        r.warn(f"{p}.retries", NOT_ENFORCED)
+        for condition in (route.retries.retry_on or "").split(","):
+            condition = condition.strip()
+            if condition and condition not in RETRY_ON and not condition.isdigit():
+                r.warn(f"{p}.retries.retryOn", f'condition "{condition}" {NOT_ENFORCED}')
         if route.retries.attempts is not None and route.retries.attempts < 0:
             r.error(f"{p}.retries.attempts", f"{route.retries.attempts} must not be negative")
         r.duration(f"{p}.retries.perTryTimeout", route.retries.per_try_timeout)
     if route.fault is not None:
-        r.warn(f"{p}.fault", NOT_ENFORCED)
         _check_fault(r, f"{p}.fault", route.fault)
     if route.mirror is not None:
-        r.warn(f"{p}.mirror", NOT_ENFORCED)
         _check_destination(r, f"{p}.mirror", route.mirror)
-    if route.mirrors:
-        r.warn(f"{p}.mirrors", NOT_ENFORCED)
     if route.mirror_percentage is not None:
-        r.warn(f"{p}.mirrorPercentage", NOT_ENFORCED)
         r.percentage(f"{p}.mirrorPercentage", route.mirror_percentage)
     if route.delegate is not None:
         r.warn(f"{p}.delegate", NOT_ENFORCED)
@@ -512,6 +519,8 @@ def _check_fault(r: _Report, fp: str, fault: HTTPFaultInjection) -> None:
             r.error(dp, "exactly one of fixedDelay or exponentialDelay is required")
         r.duration(f"{dp}.fixedDelay", delay.fixed_delay)
         r.duration(f"{dp}.exponentialDelay", delay.exponential_delay)
+        if delay.exponential_delay is not None:
+            r.warn(f"{dp}.exponentialDelay", NOT_ENFORCED)
         r.percentage(f"{dp}.percentage", delay.percentage)
         r.percent(f"{dp}.percent", delay.percent)
     if fault.abort is not None:
@@ -528,6 +537,8 @@ def _check_fault(r: _Report, fp: str, fault: HTTPFaultInjection) -> None:
         ]
         if len(kinds) != 1:
             r.error(ap, "exactly one of httpStatus, grpcStatus or http2Error is required")
+        if abort.http2_error is not None:
+            r.warn(f"{ap}.http2Error", NOT_ENFORCED)
         if abort.http_status is not None and not 200 <= abort.http_status <= 599:
             r.error(f"{ap}.httpStatus", f"status {abort.http_status} is outside 200..599")
         r.percentage(f"{ap}.percentage", abort.percentage)
@@ -613,20 +624,12 @@ def _check_traffic_policy(r: _Report, tp: str, policy: Any, *, warn: bool) -> No
     if policy.load_balancer is not None:
         _check_load_balancer(r, f"{tp}.loadBalancer", policy.load_balancer, warn=warn)
     if policy.connection_pool is not None:
-        if warn:
-            r.warn(f"{tp}.connectionPool", NOT_ENFORCED)
         _check_connection_pool(r, f"{tp}.connectionPool", policy.connection_pool)
     if policy.outlier_detection is not None:
-        if warn:
-            r.warn(f"{tp}.outlierDetection", NOT_ENFORCED)
         _check_outlier_detection(r, f"{tp}.outlierDetection", policy.outlier_detection)
     if policy.tls is not None:
-        if warn:
-            r.warn(f"{tp}.tls", NOT_ENFORCED)
         _check_client_tls(r, f"{tp}.tls", policy.tls)
     if isinstance(policy, TrafficPolicy):
-        if policy.port_level_settings:
-            r.warn(f"{tp}.portLevelSettings", NOT_ENFORCED)
         for i, port_policy in enumerate(policy.port_level_settings):
             pp = f"{tp}.portLevelSettings[{i}]"
             if port_policy.port is None:
@@ -665,14 +668,10 @@ def _check_load_balancer(r: _Report, lp: str, lb: LoadBalancerSettings, *, warn:
         if ch.ring_hash is not None and ch.maglev is not None:
             r.error(f"{lp}.consistentHash", "only one of ringHash or maglev may be set")
     r.duration(f"{lp}.warmupDurationSecs", lb.warmup_duration_secs)
-    enforced = (
-        lb.simple in LB_ENFORCED
-        and lb.consistent_hash is None
-        and lb.locality_lb_setting is None
-        and lb.warmup_duration_secs is None
-    )
-    if warn and not enforced:
-        r.warn(lp, f"{NOT_ENFORCED}; meshgate balances ROUND_ROBIN")
+    if warn and lb.locality_lb_setting is not None:
+        r.warn(f"{lp}.localityLbSetting", NOT_ENFORCED)
+    if warn and lb.warmup_duration_secs is not None:
+        r.warn(f"{lp}.warmupDurationSecs", NOT_ENFORCED)
 
 
 def _check_connection_pool(r: _Report, cp: str, pool: ConnectionPoolSettings) -> None:
@@ -681,9 +680,22 @@ def _check_connection_pool(r: _Report, cp: str, pool: ConnectionPoolSettings) ->
         r.duration(f"{cp}.tcp.connectTimeout", pool.tcp.connect_timeout)
         r.duration(f"{cp}.tcp.maxConnectionDuration", pool.tcp.max_connection_duration)
         r.duration(f"{cp}.tcp.idleTimeout", pool.tcp.idle_timeout)
+        for name, value in (
+            ("tcpKeepalive", pool.tcp.tcp_keepalive),
+            ("maxConnectionDuration", pool.tcp.max_connection_duration),
+        ):
+            if value is not None:
+                r.warn(f"{cp}.tcp.{name}", NOT_ENFORCED)
     if pool.http is not None:
         r.non_negative(f"{cp}.http", pool.http)
         r.duration(f"{cp}.http.idleTimeout", pool.http.idle_timeout)
+        for name, value in (
+            ("maxRetries", pool.http.max_retries),
+            ("useClientProtocol", pool.http.use_client_protocol),
+            ("maxConcurrentStreams", pool.http.max_concurrent_streams),
+        ):
+            if value is not None:
+                r.warn(f"{cp}.http.{name}", NOT_ENFORCED)
         r.one_of(
             f"{cp}.http.h2UpgradePolicy", pool.http.h2_upgrade_policy, H2_UPGRADE, "h2UpgradePolicy"
         )
@@ -695,10 +707,22 @@ def _check_outlier_detection(r: _Report, op: str, outlier: OutlierDetection) -> 
     r.percent(f"{op}.minHealthPercent", outlier.min_health_percent)
     r.duration(f"{op}.interval", outlier.interval)
     r.duration(f"{op}.baseEjectionTime", outlier.base_ejection_time)
+    for name, value in (
+        ("splitExternalLocalOriginErrors", outlier.split_external_local_origin_errors),
+        ("consecutiveLocalOriginFailures", outlier.consecutive_local_origin_failures),
+        ("minHealthPercent", outlier.min_health_percent),
+    ):
+        if value is not None:
+            r.warn(f"{op}.{name}", NOT_ENFORCED)
 
 
 def _check_client_tls(r: _Report, tp: str, tls: ClientTLSSettings) -> None:
     r.one_of(f"{tp}.mode", tls.mode, CLIENT_TLS_MODES, "TLS mode")
+    if tls.mode == "ISTIO_MUTUAL":
+        r.warn(
+            f"{tp}.mode",
+            f"ISTIO_MUTUAL {NOT_ENFORCED}; meshgate originates MUTUAL TLS with the files given",
+        )
     missing_pair = not tls.client_certificate or not tls.private_key
     if tls.mode == "MUTUAL" and not tls.credential_name and missing_pair:
         r.error(tp, "MUTUAL TLS needs credentialName, or clientCertificate and privateKey")

@@ -65,7 +65,9 @@ from .table import (
     Route,
     RouteMatch,
     Snapshot,
+    SNIRoute,
     StringMatcher,
+    TLSServer,
     VirtualHost,
     WeightedCluster,
 )
@@ -76,6 +78,8 @@ __all__ = ["compile_snapshot", "parse_duration_s"]
 # server (or an HTTPS one in passthrough) is routed by SNI/TCP rules, not http[].
 _HTTP_PROTOCOLS = frozenset({"HTTP", "HTTP2", "GRPC", "GRPC-WEB", "HTTPS"})
 _PASSTHROUGH_MODES = frozenset({"PASSTHROUGH", "AUTO_PASSTHROUGH"})
+# Server protocols whose ``tls`` block configures termination or passthrough (on
+# HTTP ports it only carries httpsRedirect).
 
 # Istio: "The keys uri, scheme, method, and authority will be ignored" in headers.
 _IGNORED_HEADER_KEYS = frozenset({"uri", "scheme", "method", "authority"})
@@ -335,6 +339,9 @@ class _Compiler:
                         used.update(d.cluster for d in route.action.destinations)
                     if route.traffic is not None:
                         used.update(m.cluster for m in route.traffic.mirrors)
+        for listener in listeners.values():
+            for sni_route in listener.sni_routes:
+                used.update(d.cluster for d in sni_route.destinations)
         clusters = {name: self.clusters[name] for name in sorted(used)}
         return Snapshot(
             version="",
@@ -406,6 +413,11 @@ class _Compiler:
             else:
                 exact[domain] = vhosts[domain]
         first = servers[0][2]
+        tls_servers = tuple(
+            _tls_server(gw, index, server)
+            for gw, index, server in servers
+            if server.tls is not None and server.port.protocol.upper() in _TLS_PROTOCOLS
+        )
         return Listener(
             name=f"0.0.0.0_{port}",
             port=port,
@@ -414,7 +426,82 @@ class _Compiler:
             wildcard_hosts=wildcard,
             catch_all=catch_all,
             origins=tuple(_origin(gw, index, f"spec.servers[{index}]") for gw, index, _ in servers),
+            tls_servers=tls_servers,
+            sni_routes=self._sni_routes(port, servers),
         )
+
+    def _sni_routes(
+        self, port: int, servers: list[tuple[Resource, int, GatewayServer]]
+    ) -> tuple[SNIRoute, ...]:
+        """VirtualService ``tls[]`` routes for the PASSTHROUGH servers of a port.
+
+        As Istio does for a gateway, each match entry becomes one SNI filter chain for
+        the names where its ``sniHosts`` and the server's hosts intersect; the first
+        route (Gateway order, then VirtualService load order) to claim a name wins."""
+        out: list[SNIRoute] = []
+        for gw, _, server in servers:
+            if server.tls is None or server.tls.mode.upper() != "PASSTHROUGH":
+                continue
+            server_hosts = [
+                hostrules.split_server_host(entry, gw.metadata.namespace) for entry in server.hosts
+            ]
+            for vs in self.virtual_services:
+                if not self._binds(vs, gw):
+                    continue
+                vs_ns = vs.metadata.namespace
+                spec = _vs_spec(vs)
+                for index, tls_route in enumerate(spec.tls):
+                    if not tls_route.route:
+                        continue
+                    for entry in tls_route.match:
+                        if entry.port is not None and entry.port != port:
+                            continue
+                        if entry.gateways and not any(
+                            hostrules.gateway_ref(ref, vs_ns)
+                            == (gw.metadata.namespace, gw.metadata.name)
+                            for ref in entry.gateways
+                        ):
+                            continue
+                        names: list[str] = []
+                        for sni in entry.sni_hosts:
+                            sni_host = hostrules.expand_host(sni, vs_ns)
+                            for ns_filter, host in server_hosts:
+                                if ns_filter not in ("*", vs_ns):
+                                    continue
+                                common = hostrules.hosts_intersection(host, sni_host)
+                                if common is not None and common not in names:
+                                    names.append(common)
+                        if names:
+                            out.append(self._sni_route(vs, index, names, tls_route.route, port))
+        return tuple(out)
+
+    def _sni_route(
+        self, vs: Resource, index: int, names: list[str], route: list[Any], port: int
+    ) -> SNIRoute:
+        weights = [d.weight for d in route]
+        if len(weights) == 1 and weights[0] is None:
+            weights = [100]
+        resolved = [w or 0 for w in weights]
+        if sum(resolved) == 0:
+            resolved = [1] * len(resolved)
+        destinations = []
+        cumulative = []
+        total = 0
+        for dest, weight in zip(route, resolved, strict=True):
+            cluster = self._cluster_for(dest.destination, vs.metadata.namespace, port)
+            destinations.append(WeightedCluster(cluster=cluster, weight=weight))
+            total += weight
+            cumulative.append(total)
+        path = f"spec.tls[{index}]"
+        return SNIRoute(
+            name=f"{vs.metadata.namespace}/{vs.metadata.name}/tls[{index}]",
+            origin=_origin(vs, index, path),
+            sni_hosts=tuple(names),
+            destinations=tuple(destinations),
+            total_weight=total,
+            cumulative=tuple(cumulative),
+        )
+
 
     def _binds(self, vs: Resource, gw: Resource) -> bool:
         """Does the VirtualService's top-level ``gateways`` name this Gateway?
@@ -669,6 +756,29 @@ def _gw_spec(resource: Resource) -> GatewaySpec:
 
 def _vs_spec(resource: Resource) -> VirtualServiceSpec:
     return resource.spec
+
+
+def _tls_server(gw: Resource, index: int, server: GatewayServer) -> TLSServer:
+    tls = server.tls
+    assert tls is not None  # the caller filters
+    hosts: list[str] = []
+    for entry in server.hosts:
+        _, host = hostrules.split_server_host(entry, gw.metadata.namespace)
+        if host not in hosts:
+            hosts.append(host)
+    return TLSServer(
+        hosts=tuple(hosts),
+        mode=tls.mode.upper(),
+        origin=_origin(gw, index, f"spec.servers[{index}]"),
+        server_certificate=tls.server_certificate,
+        private_key=tls.private_key,
+        ca_certificates=tls.ca_certificates,
+        credential_name=tls.credential_name,
+        min_protocol_version=tls.min_protocol_version,
+        max_protocol_version=tls.max_protocol_version,
+        cipher_suites=tuple(tls.cipher_suites),
+        subject_alt_names=tuple(tls.subject_alt_names),
+    )
 
 
 def _serves_http(server: GatewayServer) -> bool:

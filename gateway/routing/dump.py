@@ -28,7 +28,9 @@ from .table import (
     Route,
     RouteMatch,
     Snapshot,
+    SNIRoute,
     StringMatcher,
+    TLSServer,
     VirtualHost,
 )
 
@@ -86,12 +88,48 @@ def ordered_virtual_hosts(listener: Listener) -> list[VirtualHost]:
 
 def _listener(listener: Listener, sources: bool, only: list[VirtualHost] | None) -> dict[str, Any]:
     vhosts = ordered_virtual_hosts(listener) if only is None else only
-    return {
+    out: dict[str, Any] = {
         "name": listener.name,
         "port": listener.port,
         "protocol": listener.protocol,
         "origins": [_origin(o, sources) for o in listener.origins],
         "virtualHosts": [_vhost(v, sources) for v in vhosts],
+    }
+    # Only TLS ports carry these keys, so plain-HTTP dumps (and their hashes) are
+    # what they were before TLS existed.
+    if listener.tls_servers:
+        out["tlsServers"] = [_tls_server(t, sources) for t in listener.tls_servers]
+    if listener.sni_routes:
+        out["sniRoutes"] = [_sni_route(r, sources) for r in listener.sni_routes]
+    return out
+
+
+def _tls_server(server: TLSServer, sources: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {"hosts": list(server.hosts), "mode": server.mode}
+    for key, value in (
+        ("serverCertificate", server.server_certificate),
+        ("privateKey", server.private_key),
+        ("caCertificates", server.ca_certificates),
+        ("credentialName", server.credential_name),
+        ("minProtocolVersion", server.min_protocol_version),
+        ("maxProtocolVersion", server.max_protocol_version),
+    ):
+        if value:
+            out[key] = value
+    if server.cipher_suites:
+        out["cipherSuites"] = list(server.cipher_suites)
+    if server.subject_alt_names:
+        out["subjectAltNames"] = list(server.subject_alt_names)
+    out["origin"] = _origin(server.origin, sources)
+    return out
+
+
+def _sni_route(route: SNIRoute, sources: bool) -> dict[str, Any]:
+    return {
+        "name": route.name,
+        "origin": _origin(route.origin, sources),
+        "sniHosts": list(route.sni_hosts),
+        "destinations": [{"cluster": d.cluster, "weight": d.weight} for d in route.destinations],
     }
 
 

@@ -43,8 +43,10 @@ __all__ = [
     "Rewrite",
     "Route",
     "RouteMatch",
+    "SNIRoute",
     "Snapshot",
     "StringMatcher",
+    "TLSServer",
     "VirtualHost",
     "WeightedCluster",
 ]
@@ -224,6 +226,42 @@ class VirtualHost:
 
 
 @dataclass(frozen=True, slots=True)
+class TLSServer:
+    """One Gateway server's ``tls`` block on a TLS port, as the TLS layer needs it.
+
+    ``hosts`` are the SNI names the server answers: exact lower-case names,
+    ``*.suffix`` wildcards or ``*`` (namespace prefixes removed). Credential paths are
+    as configured; ``credential_name`` is resolved by the data plane against its
+    credentials directory, so the Snapshot stays free of key material.
+    """
+
+    hosts: tuple[str, ...]
+    mode: str  # SIMPLE | MUTUAL | OPTIONAL_MUTUAL | PASSTHROUGH | AUTO_PASSTHROUGH | ISTIO_MUTUAL
+    origin: Origin
+    server_certificate: str | None = None
+    private_key: str | None = None
+    ca_certificates: str | None = None
+    credential_name: str | None = None
+    min_protocol_version: str | None = None  # None: TLS 1.2
+    max_protocol_version: str | None = None  # None: TLS 1.3
+    cipher_suites: tuple[str, ...] = ()
+    subject_alt_names: tuple[str, ...] = ()  # accepted client SANs (MUTUAL); empty: any
+
+
+@dataclass(frozen=True, slots=True)
+class SNIRoute:
+    """A VirtualService ``tls[]`` route bound to a passthrough server: connections whose
+    SNI matches ``sni_hosts`` (exact, ``*.suffix`` or ``*``) are spliced to a cluster."""
+
+    name: str
+    origin: Origin
+    sni_hosts: tuple[str, ...]
+    destinations: tuple[WeightedCluster, ...]
+    total_weight: int
+    cumulative: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Listener:
     name: str  # "0.0.0.0_8080"-style
     port: int
@@ -232,6 +270,11 @@ class Listener:
     wildcard_hosts: Mapping[str, VirtualHost]  # keyed by suffix incl. dot: ".example.com"
     catch_all: VirtualHost | None = None
     origins: tuple[Origin, ...] = ()  # the Gateway servers behind this listener
+    # TLS ports: one entry per Gateway server, in declaration order (first wins a tie).
+    tls_servers: tuple[TLSServer, ...] = ()
+    # Passthrough servers: the VirtualService tls[] routes, first match wins.
+    sni_routes: tuple[SNIRoute, ...] = ()
+
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,11 +17,27 @@ from typing import Protocol
 
 __all__ = [
     "DownstreamStream",
+    "PeerIdentity",
     "RequestHandler",
     "RequestHead",
     "ResponseHead",
     "StreamReset",
 ]
+
+
+@dataclass(frozen=True, slots=True)
+class PeerIdentity:
+    """Who the client proved to be with its TLS certificate (mutual TLS only).
+
+    Filled in by the TLS layer once per connection; policy (AuthorizationPolicy's
+    ``source.principal``) reads ``uris`` (SPIFFE IDs), ``dns`` and ``subject``.
+    ``subject`` is RFC 4514 text (``CN=client,O=Example``); ``sha256`` the hex digest
+    of the DER certificate, as Envoy's ``x-forwarded-client-cert`` ``Hash``."""
+
+    subject: str
+    uris: tuple[str, ...] = ()
+    dns: tuple[str, ...] = ()
+    sha256: str = ""
 
 
 @dataclass(slots=True)
@@ -38,6 +54,7 @@ class RequestHead:
     http_version: str = "1.1"  # "1.0" | "1.1" | "2" | "3"
     port: int = 0  # the listener port the request arrived on
     peer: str = ""  # client IP
+    peer_identity: PeerIdentity | None = None  # the verified client certificate, if any
     _index: dict[str, str] | None = field(default=None, repr=False)
 
     def header(self, name: str) -> str | None:

@@ -310,6 +310,9 @@ class HTTP1Connection(asyncio.Protocol):
         self.port = port
         self.scheme = scheme
         self.on_close = on_close  # called with self when the connection ends
+        # Called with the H2Protocol that takes the connection over (prior knowledge or
+        # h2c upgrade), so the listener set keeps tracking it for a graceful stop.
+        self.on_handover: Any = None
         self.loop = asyncio.get_event_loop()
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
@@ -718,9 +721,11 @@ class HTTP1Connection(asyncio.Protocol):
             self.close()
             return
         self._hand_over()
-        http2.take_over_prior_knowledge(
+        successor = http2.take_over_prior_knowledge(
             self.transport, self.handler, self.settings, self.port, self.scheme, self.peer, data
         )
+        if self.on_handover is not None:
+            self.on_handover(successor)
 
     def _after_upgrade(self, rest: bytes) -> None:
         upgrade, self._upgrade = self._upgrade, None
@@ -738,7 +743,7 @@ class HTTP1Connection(asyncio.Protocol):
                 self._hand_over()
                 transport = self.transport
                 assert transport is not None
-                http2.take_over_upgrade(
+                successor = http2.take_over_upgrade(
                     transport,
                     self.handler,
                     self.settings,
@@ -749,6 +754,8 @@ class HTTP1Connection(asyncio.Protocol):
                     settings_value,
                     rest,
                 )
+                if self.on_handover is not None:
+                    self.on_handover(successor)
                 return
             # No HTTP/2 adapter in this build: answer the request as HTTP/1.1.
             stream = H1Stream(self, upgrade[0], self.parser.should_keep_alive())

@@ -395,11 +395,6 @@ class RawH2:
         return None
 
 
-@pytest.mark.xfail(
-    reason="the listener set stops tracking a connection once it is handed to HTTP/2, so "
-    "SIGTERM does not reach H2Protocol.shutdown(); needs listeners/http1 wiring",
-    strict=False,
-)
 def test_sigterm_sends_goaway_and_lets_the_open_stream_finish(tmp_path: Path) -> None:
     gateway = Gateway(tmp_path)
     try:
