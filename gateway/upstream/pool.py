@@ -60,6 +60,7 @@ class UpstreamConnection(asyncio.Protocol):
         "headers",
         "high_bytes",
         "keep_alive",
+        "loop",
         "message_done",
         "parser",
         "pool",
@@ -71,6 +72,7 @@ class UpstreamConnection(asyncio.Protocol):
     def __init__(self, pool: EndpointPool, high_bytes: int) -> None:
         self.pool = pool
         self.high_bytes = high_bytes
+        self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.closed = False
@@ -151,14 +153,16 @@ class UpstreamConnection(asyncio.Protocol):
             self.headers = []
             return
         self.status = status
-        self.keep_alive = self.parser.should_keep_alive()
+        keep_alive = self.keep_alive = self.parser.should_keep_alive()
         if self.head_only:
             # httptools cannot be told the request was HEAD: it would wait for
             # Content-Length bytes that never come. The message ends here, and this
             # connection's parser is replaced before any reuse.
             self.message_done = True
             self.parser = httptools.HttpResponseParser(self)
-        elif status not in _NO_BODY_STATUSES:
+        elif not keep_alive and status not in _NO_BODY_STATUSES:
+            # llhttp never calls a response keep-alive when its body runs to the
+            # close, so only a response that is not keep-alive needs this scan.
             framed = False
             for name, value in self.headers:
                 lname = name.lower()
@@ -168,8 +172,6 @@ class UpstreamConnection(asyncio.Protocol):
                     framed = True
                     break
             self.close_delimited = not framed
-            if self.close_delimited:
-                self.keep_alive = False
         self.head_done = True
         waiter = self._head_waiter
         if waiter is not None and not waiter.done():
@@ -213,14 +215,14 @@ class UpstreamConnection(asyncio.Protocol):
         if self._write_paused and not self.closed:
             waiter = self._drain_waiter
             if waiter is None:
-                waiter = self._drain_waiter = asyncio.get_running_loop().create_future()
+                waiter = self._drain_waiter = self.loop.create_future()
             await waiter
 
     async def read_head(self) -> tuple[int, list[tuple[bytes, bytes]]]:
         """The response status and raw headers; raises UpstreamReset & co. on failure."""
         if not self.head_done:
             if self.error is None:
-                waiter = self._head_waiter = asyncio.get_running_loop().create_future()
+                waiter = self._head_waiter = self.loop.create_future()
                 await waiter
             if not self.head_done:
                 assert self.error is not None
@@ -244,8 +246,23 @@ class UpstreamConnection(asyncio.Protocol):
                 return b""
             if self.error is not None:
                 raise self.error
-            waiter = self._body_waiter = asyncio.get_running_loop().create_future()
+            waiter = self._body_waiter = self.loop.create_future()
             await waiter
+
+    def take_body(self) -> bytes:
+        """Everything buffered of the response body, without waiting (the whole
+        body once ``message_done``)."""
+        chunks = self.chunks
+        if not chunks:
+            return b""
+        data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self.buffered = 0
+        if self._reading_paused and not self.closed:
+            self._reading_paused = False
+            if self.transport is not None:
+                self.transport.resume_reading()
+        return data
 
     def finish(self) -> None:
         """End the exchange: back to the idle pool when clean, else close."""
@@ -334,6 +351,9 @@ class UpstreamPools:
         self.max_idle_per_endpoint = max_idle_per_endpoint
         self.write_buffer_high_bytes = write_buffer_high_bytes
         self._pools: dict[tuple[str, int], EndpointPool] = {}
+        # id(endpoint) -> (endpoint, pool): one probe per request instead of building
+        # an (address, port) key; the endpoint is kept so a reused id cannot mislead.
+        self._by_endpoint: dict[int, tuple[Endpoint, EndpointPool]] = {}
         self._next: dict[str, int] = {}
 
     def pick_endpoint(self, cluster: Cluster) -> Endpoint:
@@ -349,12 +369,18 @@ class UpstreamPools:
         return endpoints[index % count]
 
     def pool_for(self, endpoint: Endpoint) -> EndpointPool:
+        cached = self._by_endpoint.get(id(endpoint))
+        if cached is not None and cached[0] is endpoint:
+            return cached[1]
         key = (endpoint.address, endpoint.port)
         pool = self._pools.get(key)
         if pool is None:
             pool = self._pools[key] = EndpointPool(
                 endpoint.address, endpoint.port, self.max_idle_per_endpoint
             )
+        if len(self._by_endpoint) >= 4096:
+            self._by_endpoint.clear()  # endpoints of old snapshots
+        self._by_endpoint[id(endpoint)] = (endpoint, pool)
         return pool
 
     async def connect(self, pool: EndpointPool) -> tuple[UpstreamConnection, bool]:
