@@ -22,12 +22,21 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable
 from dataclasses import dataclass
+from typing import Any
 
 from .local import LocalBuckets, Outcome
 from .policy import Limit, RequestFacts, RouteRateLimit
 from .redis_backend import RedisBackend
 
-__all__ = ["Limiter", "RedisNotConfigured", "Verdict"]
+__all__ = [
+    "Limiter",
+    "LimiterSettings",
+    "RedisNotConfigured",
+    "Verdict",
+    "snapshot_problem",
+    "start_limiter",
+    "uses_redis",
+]
 
 
 @dataclass(slots=True)
@@ -161,3 +170,52 @@ class Limiter:
     async def close(self) -> None:
         if self.redis is not None:
             await self.redis.close()
+
+
+@dataclass(frozen=True, slots=True)
+class LimiterSettings:
+    """The gateway's rate-limit settings (``meshgate run`` flags)."""
+
+    redis_url: str | None = None  # --redis-url / MESHGATE_REDIS_URL
+    redis_timeout_s: float = 0.1  # one decision's round trip, at most
+    local_slots: int = 65536  # the local table's size (16 bytes a slot)
+
+
+def uses_redis(snapshot: Any) -> list[str]:
+    """The ids of the Redis limits any route of ``snapshot`` carries."""
+    found: set[str] = set()
+    for listener in snapshot.listeners.values():
+        vhosts = [*listener.virtual_hosts.values(), *listener.wildcard_hosts.values()]
+        if listener.catch_all is not None:
+            vhosts.append(listener.catch_all)
+        for vhost in vhosts:
+            for route in vhost.routes:
+                limits = route.ratelimit
+                if limits is not None and not limits.local_only:
+                    found.update(lim.id for lim in limits.limits if lim.backend == "redis")
+    return sorted(found)
+
+
+def snapshot_problem(snapshot: Any, settings: LimiterSettings) -> str | None:
+    """Why the gateway cannot enforce ``snapshot``'s limits with ``settings``, or None."""
+    if settings.redis_url:
+        return None
+    ids = uses_redis(snapshot)
+    if not ids:
+        return None
+    return (
+        f"rate limit {ids[0]}{f' (and {len(ids) - 1} more)' if len(ids) > 1 else ''} "
+        "uses backend: redis, but no Redis is configured; "
+        "start with --redis-url redis://host:port/db or set MESHGATE_REDIS_URL"
+    )
+
+
+async def start_limiter(settings: LimiterSettings | None, local: LocalBuckets | None) -> Limiter:
+    """The Limiter of one worker process: the (possibly shared) local table, and a
+    Redis backend connected ahead of the first request when a URL is set."""
+    settings = settings or LimiterSettings()
+    redis = None
+    if settings.redis_url:
+        redis = RedisBackend(settings.redis_url, timeout_s=settings.redis_timeout_s)
+        await redis.start()
+    return Limiter(local if local is not None else LocalBuckets(settings.local_slots), redis)

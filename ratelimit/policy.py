@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from gateway.config import hosts as hostrules
@@ -36,6 +36,7 @@ __all__ = [
     "Rate",
     "RequestFacts",
     "RouteRateLimit",
+    "attach_rate_limits",
     "compile_key_part",
     "compile_policies",
     "limits_for_route",
@@ -475,3 +476,44 @@ def limits_for_route(
         headers=headers,
         local_only=all(lim.backend == "local" for lim in limits),
     )
+
+
+def attach_rate_limits(
+    snapshot: Any, resources: Iterable[Any], gateway_labels: Mapping[str, str]
+) -> Any:
+    """The Snapshot with ``Route.ratelimit`` set on every route a policy limits.
+
+    Run by the routing compiler after it built the listeners. Routes are shared
+    between virtual hosts (one VirtualService serving several hosts), so a limited
+    route is copied per virtual host: a policy for ``hosts: [api.example.com]`` must
+    not follow the same route onto ``www.example.com``.
+    """
+    policies = compile_policies(resources, gateway_labels)
+    if not policies:
+        return snapshot
+    cache: dict[tuple[str, str], RouteRateLimit | None] = {}
+
+    def limit_vhost(vhost: Any) -> Any:
+        domain = vhost.domains[0] if vhost.domains else "*"
+        routes = []
+        changed = False
+        for route in vhost.routes:
+            key = (domain, route.name)
+            if key not in cache:
+                cache[key] = limits_for_route(policies, domain, route.name)
+            found = cache[key]
+            if found is not None:
+                route = replace(route, ratelimit=found)
+                changed = True
+            routes.append(route)
+        return replace(vhost, routes=tuple(routes)) if changed else vhost
+
+    listeners = {}
+    for port, listener in snapshot.listeners.items():
+        listeners[port] = replace(
+            listener,
+            virtual_hosts={d: limit_vhost(v) for d, v in listener.virtual_hosts.items()},
+            wildcard_hosts={d: limit_vhost(v) for d, v in listener.wildcard_hosts.items()},
+            catch_all=limit_vhost(listener.catch_all) if listener.catch_all is not None else None,
+        )
+    return replace(snapshot, listeners=listeners)

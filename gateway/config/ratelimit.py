@@ -17,6 +17,7 @@ rate-limit compiler calls ``parse_key_part`` on keys that already passed these c
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -42,6 +43,7 @@ RESPONSE_HEADERS = ("ratelimit", "x-ratelimit", "none")
 # The buckets count in whole microseconds: one request per microsecond is the
 # finest interval they can express.
 MAX_REQUESTS_PER_SECOND = 1_000_000
+_MAX_DEPTH_S = 366 * 86400
 KEY_PARTS = (
     "source.ip",
     "remote.ip",
@@ -138,15 +140,38 @@ def _check_rate(r: _Report, path: str, rate: Any) -> None:
         )
     if rate.burst is not None and rate.burst < 1:
         r.error(f"{path}.burst", f"{rate.burst} must be at least 1")
+    elif rate.requests >= 1 and rate.per in UNITS:
+        # Bucket arithmetic runs in microseconds, in Lua's doubles too: keep the
+        # bucket's depth (burst x interval) well inside 2^53.
+        depth_s = (rate.burst or rate.requests) * UNITS[rate.per] / rate.requests
+        if depth_s > _MAX_DEPTH_S:
+            r.error(
+                f"{path}.burst",
+                f"a burst of {rate.burst} at this rate takes {depth_s:.0f}s to refill; "
+                f"at most {_MAX_DEPTH_S}s (a year) is supported",
+            )
 
 
-def check_rate_limit_policy(r: _Report, spec: Any) -> None:
-    """Report every problem of a ``RateLimitPolicySpec``."""
+def check_rate_limit_policy(r: _Report, spec: Any, resources: Sequence[Any] = ()) -> None:
+    """Report every problem of a ``RateLimitPolicySpec``; ``resources`` (all of the
+    configuration) lets it warn about route names no VirtualService defines."""
     for i, host in enumerate(spec.hosts):
         r.host(f"spec.hosts[{i}]", host)
+    known = {
+        route.name
+        for res in resources
+        if res.kind == "VirtualService"
+        for route in res.spec.http
+        if route.name
+    }
     for i, name in enumerate(spec.routes):
         if not name:
             r.error(f"spec.routes[{i}]", "a route name must not be empty")
+        elif name not in known:
+            r.warn(
+                f"spec.routes[{i}]",
+                f'no VirtualService has an http route named "{name}"; the limit applies nowhere',
+            )
     if spec.num_trusted_proxies < 0:
         r.error("spec.numTrustedProxies", f"{spec.num_trusted_proxies} must not be negative")
     if spec.response_headers is not None and spec.response_headers not in RESPONSE_HEADERS:
