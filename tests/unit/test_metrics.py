@@ -137,9 +137,9 @@ def test_service_entry_hosts_are_their_own_service_name() -> None:
 def test_recording_a_request_costs_a_few_microseconds() -> None:
     metrics = RequestMetrics()
     keys = [(CLUSTER, 200, ""), (CLUSTER, 503, "UF"), ("", 404, "NR")]
-    n = 30_000
+    n = 6_000
     best = float("inf")
-    for _ in range(3):  # best of three: the machine is shared
+    for _ in range(5):  # best of several short rounds: the machine is shared
         start = time.perf_counter()
         for i in range(n):
             cluster, status, flags = keys[i % 3]
@@ -147,4 +147,4 @@ def test_recording_a_request_costs_a_few_microseconds() -> None:
         best = min(best, (time.perf_counter() - start) / n)
     print(f"RequestMetrics.record: {best * 1e6:.2f} us per request")
     assert best < 5e-6, f"{best * 1e6:.2f} us per record"
-    assert metrics.series[(CLUSTER, 200, "")][0] == 30_000
+    assert metrics.series[(CLUSTER, 200, "")][0] == 5 * n // 3
