@@ -60,6 +60,7 @@ class Pipeline:
         tracing: TraceStage | None = None,
         exporter: OtlpExporter | None = None,
         security: Any = None,
+        limiter: Any = None,  # ratelimit.Limiter
     ) -> None:
         self.snapshots = snapshots
         self.access_log = access_log
@@ -73,6 +74,11 @@ class Pipeline:
             from authn.stages import AuthzStage, JwtAuthnStage
 
             security_stages = (JwtAuthnStage(security), AuthzStage(security))
+        limit_stages: tuple[Any, ...] = ()
+        if limiter is not None:
+            from ratelimit.stage import RateLimitStage
+
+            limit_stages = (RateLimitStage(limiter),)
         self.stages = (
             # The id first, so that every later log line and refusal can carry it.
             RequestIdStage(),
@@ -95,6 +101,12 @@ class Pipeline:
             # CORS needs the route's policy, and answers preflights before the
             # action so a redirect or direct response never swallows one.
             CorsStage(),
+            # Rate limits after authentication and authorization, so a claim can key
+            # a limit and a request they refuse spends no token; after routing,
+            # because limits are attached to routes (a route name keys a policy);
+            # after CORS, so a preflight the gateway answers costs nothing. Before
+            # the action, so a redirect or direct response on a limited route counts.
+            *limit_stages,
             # Redirect / direct response / rewrite and header edits: the last word on
             # what goes upstream.
             ActionStage(),

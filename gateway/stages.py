@@ -79,6 +79,7 @@ class RequestContext:
         "head",
         "method",
         "path",
+        "ratelimit_headers",  # ratelimit-* response headers of a limited route, or None
         "request_id",
         "response_started",
         "route",
@@ -115,6 +116,7 @@ class RequestContext:
         self.forward: Forward | None = None
         self.destination: WeightedCluster | None = None
         self.cors_headers: list[tuple[str, str]] | None = None
+        self.ratelimit_headers: list[tuple[str, str]] | None = None
         self.status = 0
         self.flags = ""
         self.response_started = False
@@ -570,8 +572,11 @@ class UpstreamStage:
                 sent_all = True
                 if not no_body:
                     sent_all = await self._send_body(ctx, conn, chunked)
+                waiter = conn.head_waiter()
+                if waiter is not None:
+                    await waiter
                 if not conn.head_done:
-                    await conn.read_head()
+                    raise conn.error or UpstreamReset("no response head")
             except UpstreamReset:
                 conn.close()
                 # A pooled connection the upstream closed while idle: the request
@@ -636,7 +641,8 @@ class UpstreamStage:
 def finish_response_headers(
     ctx: RequestContext, headers: list[tuple[str, str]]
 ) -> list[tuple[str, str]]:
-    """Response header edits (route, then destination) and the CORS headers."""
+    """Response header edits (route, then destination), the CORS headers and the
+    rate-limit figures of a limited route."""
     route = ctx.route
     if route is not None and not route.response_headers.empty:
         headers = apply_header_ops(headers, route.response_headers)
@@ -645,6 +651,8 @@ def finish_response_headers(
         headers = apply_header_ops(headers, destination.response_headers)
     if ctx.cors_headers:
         headers.extend(ctx.cors_headers)
+    if ctx.ratelimit_headers:
+        headers.extend(ctx.ratelimit_headers)
     return headers
 
 
