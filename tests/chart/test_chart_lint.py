@@ -50,6 +50,7 @@ def test_values_violating_the_schema_fail_lint_with_each_problem_named(helm: str
         '"UDP"',
         "egress: Additional property replicaCont is not allowed",
         "autoscaling.enabled: Invalid type. Expected: boolean, given: string",
+        "redisUrl: Does not match pattern",
     ):
         assert expected in report, f"{expected!r} missing from:\n{report}"
 
