@@ -12,6 +12,7 @@ Exit codes: 0 success, 1 configuration errors, 2 usage errors (argparse's own).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -97,6 +98,22 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     limits.add_argument("--idle-timeout-s", type=float, help="idle keep-alive connections")
     limits.add_argument("--drain-timeout-s", type=float, default=5.0, help="graceful stop (5)")
+    ratelimit = run.add_argument_group("rate limits (docs/ratelimit.md)")
+    ratelimit.add_argument(
+        "--redis-url",
+        default=os.environ.get("MESHGATE_REDIS_URL") or None,
+        help="Redis for backend: redis limits: redis://host:port/db, redis+cluster://host:port, "
+        "redis+sentinel://host:port/service (default: $MESHGATE_REDIS_URL)",
+    )
+    ratelimit.add_argument(
+        "--redis-timeout-ms", type=float, default=100.0, help="one decision's round trip (100)"
+    )
+    ratelimit.add_argument(
+        "--ratelimit-local-slots",
+        type=int,
+        default=65536,
+        help="buckets kept in process, a power of two, 16 bytes each (65536)",
+    )
 
     validate = sub.add_parser("validate", help="check configuration; exit 1 on errors")
     validate.add_argument("paths", nargs="+", metavar="PATH")
@@ -156,6 +173,25 @@ def _cmd_routes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ratelimit_settings(args: argparse.Namespace) -> object:
+    from ratelimit.limiter import LimiterSettings
+    from ratelimit.redis_backend import RedisURLError, parse_redis_url
+
+    slots = args.ratelimit_local_slots
+    problem = None
+    if slots < 8 or slots & (slots - 1):
+        problem = f"--ratelimit-local-slots must be a power of two >= 8, not {slots}"
+    elif args.redis_url:
+        try:
+            parse_redis_url(args.redis_url)
+        except RedisURLError as exc:
+            problem = f"--redis-url: {exc}"
+    if problem is not None:
+        print(f"meshgate: {problem}", file=sys.stderr)
+        raise SystemExit(2)  # a usage error, as argparse's own
+    return LimiterSettings(args.redis_url, args.redis_timeout_ms / 1000.0, slots)
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
@@ -189,6 +225,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         workload_name=args.workload_name,
         credentials_dir=args.credentials_dir,
         cert_poll_s=args.cert_poll_s,
+        ratelimit=_ratelimit_settings(args),
     )
     return run(options)
 

@@ -45,6 +45,7 @@ class RunOptions:
     drain_timeout_s: float = 5.0
     credentials_dir: str | None = None  # credentialName -> <dir>/<name>/tls.crt, tls.key, ca.crt
     cert_poll_s: float = 2.0  # how often certificate files are checked for changes (0: never)
+    ratelimit: Any = None  # ratelimit.LimiterSettings (--redis-url ...); None: the defaults
     reload_interval_s: float = 1.0  # how often config files are checked (0: SIGHUP only)
     trace_sampling: float = 0.01  # probability of sampling a trace the gateway starts
     otlp_endpoint: str | None = None  # http://host:port/v1/traces; None: no export
@@ -135,11 +136,24 @@ def run(options: RunOptions) -> int:
             "not served by this version"
         )
     ports = sorted(listener.port for listener in served)
+    from ratelimit.limiter import LimiterSettings, snapshot_problem
+    from ratelimit.local import LocalBuckets
+
+    limits = options.ratelimit or LimiterSettings()
+    problem = snapshot_problem(snapshot, limits)
+    if problem is not None:
+        _say(problem)
+        return 1
+    # Made before the workers fork, so that they all share one table: the local
+    # limits are the gateway's, not each worker's.
+    buckets = LocalBuckets(limits.local_slots, shared=options.workers > 1)
     if options.workers <= 1:
         import uvloop
 
-        return uvloop.run(_serve_worker(options, snapshot, ports, admin=True, ready_fd=None))
-    return _supervise(options, snapshot, ports)
+        return uvloop.run(
+            _serve_worker(options, snapshot, ports, admin=True, ready_fd=None, buckets=buckets)
+        )
+    return _supervise(options, snapshot, ports, buckets)
 
 
 async def _serve_worker(
@@ -149,6 +163,7 @@ async def _serve_worker(
     *,
     admin: bool,
     ready_fd: int | None,
+    buckets: Any = None,
 ) -> int:
     from .admin import Readiness, serve_admin
     from .pipeline import Pipeline
@@ -169,7 +184,12 @@ async def _serve_worker(
     readiness = Readiness(snapshot_version=snapshot.version)
     services = _services(options, snapshot_ref, readiness, pools, serving=True)
     loop.add_signal_handler(signal.SIGHUP, services.sighup)
-    pipeline = Pipeline(snapshot_ref, pools, access_log, **services.pipeline_kwargs())
+    from ratelimit.limiter import start_limiter
+
+    limiter = await start_limiter(options.ratelimit, buckets)
+    pipeline = Pipeline(
+        snapshot_ref, pools, access_log, limiter=limiter, **services.pipeline_kwargs()
+    )
     listeners = ListenerSet(pipeline.handle, settings, options.address)
     tls_listeners = [
         snapshot.listeners[port] for port in ports if snapshot.listeners[port].tls_servers
@@ -227,6 +247,7 @@ async def _serve_worker(
         await listeners.certificates.close()
     pools.close()
     await services.close()
+    await limiter.close()
     access_log.flush()
     admin_stop.set()
     if admin_task is not None:
@@ -248,7 +269,7 @@ def _die_with_parent() -> None:
         pass
 
 
-def _supervise(options: RunOptions, snapshot: Snapshot, ports: list[int]) -> int:
+def _supervise(options: RunOptions, snapshot: Snapshot, ports: list[int], buckets: Any) -> int:
     """Fork the workers, serve the admin API, relay signals, reap children."""
     import shutil
     import tempfile
@@ -269,7 +290,9 @@ def _supervise(options: RunOptions, snapshot: Snapshot, ports: list[int]) -> int
             code = 1
             try:
                 code = uvloop.run(
-                    _serve_worker(options, snapshot, ports, admin=False, ready_fd=ready_write)
+                    _serve_worker(
+                        options, snapshot, ports, admin=False, ready_fd=ready_write, buckets=buckets
+                    )
                 )
             finally:
                 sys.stdout.flush()

@@ -49,6 +49,10 @@ __all__ = [
     "Port",
     "PortSelector",
     "PortTrafficPolicy",
+    "RateLimit",
+    "RateLimitOverride",
+    "RateLimitPolicySpec",
+    "RateLimitRate",
     "RegexRewrite",
     "Resource",
     "RouteDestination",
@@ -64,6 +68,7 @@ __all__ = [
     "TrafficPolicy",
     "VirtualServiceSpec",
     "WorkloadEntry",
+    "WorkloadSelector",
     "yaml_name",
 ]
 
@@ -498,6 +503,50 @@ class ServiceEntrySpec:
     subject_alt_names: list[str] = field(default_factory=list)
 
 
+# --------------------------------------------------------------------------- meshgate.io
+
+
+@dataclass(frozen=True, slots=True)
+class WorkloadSelector:
+    match_labels: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitRate:
+    """``requests`` per ``per`` (second | minute | hour | day); ``burst`` defaults to
+    ``requests``."""
+
+    requests: int
+    per: str
+    burst: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitOverride:
+    when: dict[str, str]  # key part -> the value it must have
+    rate: RateLimitRate
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    name: str
+    rate: RateLimitRate
+    key: list[str] = field(default_factory=list)  # key parts; empty: one shared bucket
+    backend: str | None = None  # local (default) | redis
+    failure_mode: str | None = None  # open (default) | closed; redis only
+    overrides: list[RateLimitOverride] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitPolicySpec:
+    limits: list[RateLimit]
+    selector: WorkloadSelector | None = None
+    hosts: list[str] = field(default_factory=list)  # empty: every host
+    routes: list[str] = field(default_factory=list)  # VirtualService http[].name
+    num_trusted_proxies: int = 0  # x-forwarded-for hops in front of the gateway
+    response_headers: str | None = None  # ratelimit (default) | x-ratelimit | none
+
+
 # --------------------------------------------------------------------------- resources
 
 
@@ -553,4 +602,5 @@ API_VERSIONS: dict[str, tuple[tuple[str, ...], type]] = {
         ("networking.istio.io/v1", "networking.istio.io/v1beta1", "networking.istio.io/v1alpha3"),
         ServiceEntrySpec,
     ),
+    "RateLimitPolicy": (("meshgate.io/v1alpha1",), RateLimitPolicySpec),
 }

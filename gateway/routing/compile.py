@@ -122,6 +122,12 @@ def compile_snapshot(model: Model, gateway_labels: Mapping[str, str]) -> Snapsho
     gc.disable()
     try:
         snapshot = _Compiler(model, dict(gateway_labels)).build()
+        if model.of_kind("RateLimitPolicy"):
+            from ratelimit.policy import attach_rate_limits
+
+            snapshot = attach_rate_limits(
+                snapshot, model.of_kind("RateLimitPolicy"), gateway_labels
+            )
         return dataclasses.replace(snapshot, version=snapshot_content_hash(snapshot))
     finally:
         if collecting:

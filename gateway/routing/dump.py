@@ -268,6 +268,8 @@ def _route(route: Route, sources: bool) -> dict[str, Any]:
         out["responseHeaders"] = _ops(route.response_headers)
     if route.cors is not None:
         out["cors"] = _cors(route.cors)
+    if route.ratelimit is not None:
+        out["rateLimit"] = route.ratelimit.to_dict()
     if route.extra:
         out["extra"] = dict(route.extra)
     return out

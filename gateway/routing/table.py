@@ -210,6 +210,8 @@ class Route:
     request_headers: HeaderOps = NO_HEADER_OPS
     response_headers: HeaderOps = NO_HEADER_OPS
     cors: CorsPolicy | None = None
+    # ratelimit.policy.RouteRateLimit when a RateLimitPolicy applies; None costs nothing.
+    ratelimit: Any = None
     # Fields parsed but not enforced in this version (retries, fault, mirror, ...),
     # kept so the admin dump and later stages can see them.
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False)
