@@ -304,3 +304,14 @@ def test_istio_crds_are_opt_in_and_kept_on_uninstall(render: Render) -> None:
     for name, crd in crds.items():
         if name.endswith("istio.io"):
             assert crd["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"}
+
+
+def test_pods_keep_serving_briefly_before_sigterm(render: Render) -> None:
+    deployment = find(render(), "Deployment", INGRESS)
+    pod = deployment["spec"]["template"]["spec"]
+    command = container(deployment)["lifecycle"]["preStop"]["exec"]["command"]
+    assert command == ["sleep", "5"]
+    # The sleep and meshgate's drain must both fit in the grace period.
+    assert int(command[1]) < pod["terminationGracePeriodSeconds"]
+    off = find(render(set=["preStopSleepSeconds=0"]), "Deployment", INGRESS)
+    assert "lifecycle" not in container(off)
