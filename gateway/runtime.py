@@ -100,7 +100,17 @@ def build_snapshot(options: RunOptions) -> tuple[Model, Snapshot]:
     from .routing.compile import compile_snapshot
 
     model = load_config(list(options.paths))
-    return model, compile_snapshot(model, dict(options.labels))
+    snapshot = compile_snapshot(model, dict(options.labels))
+    from ratelimit.limiter import LimiterSettings, snapshot_problem
+
+    problem = snapshot_problem(snapshot, options.ratelimit or LimiterSettings())
+    if problem is not None:
+        # A limit this gateway cannot enforce is a configuration error, at start-up
+        # and on reload alike (a reload then keeps the running snapshot).
+        from .config import ConfigError, ConfigErrors
+
+        raise ConfigErrors([ConfigError("", "", "", "", problem)], list(model.warnings))
+    return model, snapshot
 
 
 def load_snapshot(options: RunOptions) -> Snapshot | None:
@@ -136,14 +146,10 @@ def run(options: RunOptions) -> int:
             "not served by this version"
         )
     ports = sorted(listener.port for listener in served)
-    from ratelimit.limiter import LimiterSettings, snapshot_problem
+    from ratelimit.limiter import LimiterSettings
     from ratelimit.local import LocalBuckets
 
     limits = options.ratelimit or LimiterSettings()
-    problem = snapshot_problem(snapshot, limits)
-    if problem is not None:
-        _say(problem)
-        return 1
     # Made before the workers fork, so that they all share one table: the local
     # limits are the gateway's, not each worker's.
     buckets = LocalBuckets(limits.local_slots, shared=options.workers > 1)
