@@ -80,6 +80,7 @@ _HTTP_PROTOCOLS = frozenset({"HTTP", "HTTP2", "GRPC", "GRPC-WEB", "HTTPS"})
 _PASSTHROUGH_MODES = frozenset({"PASSTHROUGH", "AUTO_PASSTHROUGH"})
 # Server protocols whose ``tls`` block configures termination or passthrough (on
 # HTTP ports it only carries httpsRedirect).
+_TLS_PROTOCOLS = frozenset({"HTTPS", "TLS"})
 
 # Istio: "The keys uri, scheme, method, and authority will be ignored" in headers.
 _IGNORED_HEADER_KEYS = frozenset({"uri", "scheme", "method", "authority"})
