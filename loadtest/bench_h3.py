@@ -261,7 +261,7 @@ def _fmt(value: float | None, digits: int) -> str:
     return "-" if value is None else f"{value:,.{digits}f}"
 
 
-def report(results: list[dict[str, Any]], idle_rss_mb: float) -> list[str]:
+def report(results: list[dict[str, Any]], idle_rss_mb: float, load_before: str) -> list[str]:
     facts = machine_facts()
     lines = [
         f"### HTTP/3 beside HTTP/2, {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC",
@@ -269,7 +269,7 @@ def report(results: list[dict[str, Any]], idle_rss_mb: float) -> list[str]:
         f"Command: `ROUNDS={ROUNDS} REQUESTS={REQUESTS} .venv/bin/python loadtest/bench_h3.py`; "
         f"machine: {facts['nproc']} cores ({facts['cpu']}), Linux {facts['kernel']}, "
         f"Python {facts['python']}, commit {facts['commit']}; "
-        f"load average before the run {load_average()}.",
+        f"load average before the run {load_before}, after it {load_average()}.",
         "",
         "| protocol | load | rps | vs HTTP/2 | p50 ms | p99 ms | gateway CPU ms/req "
         "| client CPU s | RSS MB | errors |",
@@ -304,6 +304,7 @@ def main() -> int:
         if not shutil.which(tool):
             log(f"{tool} must be on PATH (loadtest/bench.sh installs it)")
             return 2
+    load_before = load_average()
     scratch = Path(tempfile.mkdtemp(prefix="meshgate-bench-h3-"))
     procs = Processes(scratch)
     try:
@@ -337,7 +338,7 @@ def main() -> int:
         with (RESULTS / f"bench-h3-{stamp}.jsonl").open("w") as out:
             for result in results:
                 out.write(json.dumps(result) + "\n")
-        print("\n".join(report(results, idle_rss_mb)))
+        print("\n".join(report(results, idle_rss_mb, load_before)))
         return 0
     finally:
         procs.stop_all()
