@@ -71,6 +71,8 @@ class ProcessServices:
 
     # authn.runtime.SecurityRuntime of a serving process, set by the runtime.
     security: Any = None
+    # ratelimit.Limiter of a serving process, set by the runtime.
+    ratelimit: Any = None
 
     def pipeline_kwargs(self) -> dict[str, Any]:
         return {"metrics": self.metrics, "tracing": self.tracing, "exporter": self.exporter}
@@ -123,6 +125,7 @@ class ProcessServices:
                 "dropped": exporter.dropped if exporter else 0,
             },
             "security": self.security.status() if self.security is not None else None,
+            "ratelimit": self.ratelimit.status() if self.ratelimit is not None else None,
         }
 
     def admin_state(self, stats_dir: str | None = None) -> AdminState:

@@ -126,6 +126,36 @@ class Limiter:
     ) -> None:
         self.local = local if local is not None else LocalBuckets()
         self.redis = redis
+        # What the stage did with the verdicts, for /metrics.
+        self.allowed = 0
+        self.limited = 0
+        self.failed = 0
+
+    def status(self) -> dict[str, Any]:
+        """This process's counters (``ratelimit.stats`` renders them)."""
+        local = self.local
+        out: dict[str, Any] = {
+            "requests": {"allowed": self.allowed, "limited": self.limited, "failed": self.failed},
+            "local": {
+                "slots": local.slots,
+                "memory_bytes": local.memory_bytes,
+                "decisions": local.decisions,
+                "evictions": local.evictions,
+                "lock_timeouts": local.lock_timeouts,
+            },
+            "redis": None,
+        }
+        redis = self.redis
+        if redis is not None:
+            out["redis"] = {
+                "available": redis.available,
+                "round_trips": redis.round_trips,
+                "decisions": redis.decisions,
+                "failures": redis.failures,
+                "script_loads": redis.script_loads,
+                "prechecked": redis.prechecked,
+            }
+        return out
 
     def check(
         self, route_limits: RouteRateLimit, ctx: RequestFacts

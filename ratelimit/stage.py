@@ -50,9 +50,6 @@ class RateLimitStage:
 
     def __init__(self, limiter: Limiter) -> None:
         self.limiter = limiter
-        self.allowed = 0
-        self.limited = 0
-        self.failed = 0
 
     def on_request(self, ctx: Any) -> Coroutine[Any, Any, None] | None:
         route = ctx.route
@@ -70,14 +67,14 @@ class RateLimitStage:
 
     def _apply(self, ctx: Any, limits: RouteRateLimit, verdict: Verdict) -> None:
         if verdict.allowed:
-            self.allowed += 1
+            self.limiter.allowed += 1
             if verdict.limit and limits.headers != "none":
                 ctx.ratelimit_headers = ratelimit_headers(limits.headers, verdict)
             return
         if verdict.error:
-            self.failed += 1
+            self.limiter.failed += 1
             raise RateLimitServiceError(f"limit {verdict.limit_id}: redis unavailable")
-        self.limited += 1
+        self.limiter.limited += 1
         headers = [("retry-after", str(verdict.retry_after_s))]
         headers += ratelimit_headers(limits.headers, verdict)
         raise RateLimited(f"over limit {verdict.limit_id}", tuple(headers))

@@ -171,6 +171,9 @@ def _state_routes(state: AdminState) -> list[Route]:
         from authn.stats import render_exports
 
         body += render_exports([p["security"] for p in processes if p.get("security")])
+        from ratelimit.stats import render_exports as render_ratelimit
+
+        body += render_ratelimit([p["ratelimit"] for p in processes if p.get("ratelimit")])
         return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     return [

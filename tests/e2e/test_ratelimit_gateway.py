@@ -150,6 +150,10 @@ def test_local_limit_allows_exactly_its_burst_with_headers_then_429(
         # A route without a policy carries no rate-limit headers at all.
         free = _get(port, "/other")
         assert free.status_code == 200 and "ratelimit-limit" not in free.headers
+        metrics = httpx.get(f"http://127.0.0.1:{admin}/metrics", timeout=5).text
+        assert 'meshgate_ratelimit_requests_total{result="allowed"} 5' in metrics
+        assert 'meshgate_ratelimit_requests_total{result="limited"} 1' in metrics
+        assert "meshgate_ratelimit_local_evictions_total 0" in metrics
     finally:
         gateway.stop()
 
