@@ -193,6 +193,7 @@ async def _serve_worker(
     from ratelimit.limiter import start_limiter
 
     limiter = await start_limiter(options.ratelimit, buckets)
+    services.ratelimit = limiter  # counters in /metrics
     pipeline = Pipeline(
         snapshot_ref, pools, access_log, limiter=limiter, **services.pipeline_kwargs()
     )
