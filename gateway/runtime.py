@@ -238,6 +238,18 @@ async def _serve_worker(
         return 1
     if listeners.certificates is not None:
         listeners.certificates.start(options.cert_poll_s)
+    # HTTP/3 on the UDP side of each HTTPS port; alt-svc only once that port is bound.
+    from .server.http3 import start_http3
+
+    http3 = await start_http3(
+        pipeline.handle,
+        settings,
+        options.address,
+        tls_listeners,
+        listeners.certificates,
+        options.cert_poll_s,
+        _say,
+    )
     await services.start(options.stats_dir)
     readiness.listeners_up = True
     if ready_fd is not None:
@@ -249,7 +261,9 @@ async def _serve_worker(
         _say(f"serving HTTP on {options.address} ports {where}{admin_text}")
     await stop.wait()
     readiness.draining = True
-    await listeners.stop(options.drain_timeout_s)
+    await asyncio.gather(
+        listeners.stop(options.drain_timeout_s), http3.stop(options.drain_timeout_s)
+    )
     if listeners.certificates is not None:
         await listeners.certificates.close()
     pools.close()
