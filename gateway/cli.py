@@ -5,6 +5,8 @@
     meshgate validate PATH...          # exit 0 clean, 1 errors; warnings never fail
     meshgate routes PATH... [--host H] [--json]
     meshgate demo-backend --port PORT [--name NAME]
+    meshgate token --key PEM --issuer ISS [--sub S] [--aud A] [--claim k=v] ...
+                                       # development only: mints a test JWT
 
 Exit codes: 0 success, 1 configuration errors, 2 usage errors (argparse's own).
 """
@@ -57,7 +59,7 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("--workers", type=int, default=1, help="processes sharing the ports (1)")
     run.add_argument("--log-format", choices=("json", "text"), default="json")
     run.add_argument(
-        "--credentials-dir",        "--credentials-dir",
+        "--credentials-dir",
         metavar="DIR",
         help="where credentialName is looked up: DIR/<name>/tls.crt, tls.key, ca.crt",
     )
@@ -66,6 +68,37 @@ def _build_parser() -> argparse.ArgumentParser:
         type=float,
         default=2.0,
         help="seconds between checks of certificate files for changes; 0: never (2)",
+    )
+    security = run.add_argument_group("security (docs/security.md)")
+    security.add_argument(
+        "--namespace",
+        default="istio-system",
+        help="the gateway's namespace; decides which security policies bind (istio-system)",
+    )
+    security.add_argument(
+        "--jwt-clock-skew-s", type=float, default=60.0, help="exp/nbf/iat tolerance (60)"
+    )
+    security.add_argument(
+        "--jwks-allow-http",
+        action="store_true",
+        help="allow plain-HTTP jwksUri to non-loopback hosts (never in production)",
+    )
+    security.add_argument("--jwks-ca-file", metavar="PEM", help="CA bundle for jwksUri HTTPS")
+    security.add_argument(
+        "--jwks-refresh-s", type=float, default=1200.0, help="JWKS refresh period (1200)"
+    )
+    security.add_argument(
+        "--jwks-kid-cooldown-s",
+        type=float,
+        default=30.0,
+        help="at most one unknown-kid refetch per URI per this many seconds (30)",
+    )
+    security.add_argument(
+        "--authz-provider",
+        action="append",
+        default=[],
+        metavar="NAME=URL",
+        help="URL of the HTTP authorizer a CUSTOM AuthorizationPolicy names (repeatable)",
     )
     ops = run.add_argument_group("reload and telemetry (docs/operations.md)")
     ops.add_argument(
@@ -125,6 +158,13 @@ def _build_parser() -> argparse.ArgumentParser:
     routes.add_argument(
         "--labels", type=_labels_arg, default={"istio": "ingressgateway"}, help="gateway labels"
     )
+
+    token = sub.add_parser(
+        "token", help="DEVELOPMENT ONLY: mint a test JWT with a local private key"
+    )
+    from authn.devtoken import add_arguments as add_token_arguments
+
+    add_token_arguments(token)
 
     demo = sub.add_parser("demo-backend", help="a small echo service for demos and tests")
     demo.add_argument("--port", type=int, required=True)
@@ -225,9 +265,36 @@ def _cmd_run(args: argparse.Namespace) -> int:
         workload_name=args.workload_name,
         credentials_dir=args.credentials_dir,
         cert_poll_s=args.cert_poll_s,
+        namespace=args.namespace,
+        authn=_authn_settings(args),
         ratelimit=_ratelimit_settings(args),
     )
     return run(options)
+
+
+def _authn_settings(args: argparse.Namespace) -> object:
+    from authn.jwks import JwksSettings
+    from authn.runtime import AuthnSettings
+
+    providers: dict[str, str] = {}
+    for item in args.authz_provider:
+        name, sep, url = item.partition("=")
+        if not sep or not name or not url:
+            raise SystemExit(f"meshgate: --authz-provider {item!r} is not NAME=URL")
+        providers[name] = url
+    jwks = JwksSettings(
+        refresh_s=args.jwks_refresh_s,
+        kid_cooldown_s=args.jwks_kid_cooldown_s,
+        allow_http=args.jwks_allow_http,
+        ca_file=args.jwks_ca_file,
+    )
+    return AuthnSettings(clock_skew_s=args.jwt_clock_skew_s, jwks=jwks, authz_providers=providers)
+
+
+def _cmd_token(args: argparse.Namespace) -> int:
+    from authn.devtoken import run_token_command
+
+    return run_token_command(args)
 
 
 def _otlp_endpoint(url: str | None) -> str | None:
@@ -250,6 +317,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "validate": _cmd_validate,
         "routes": _cmd_routes,
         "demo-backend": _cmd_demo_backend,
+        "token": _cmd_token,
     }[args.command]
     return handler(args)
 

@@ -43,6 +43,10 @@ class RunOptions:
     log_format: str = "json"
     settings: ServerSettings = field(default_factory=ServerSettings)
     drain_timeout_s: float = 5.0
+    # The gateway's namespace: decides which RequestAuthentication and
+    # AuthorizationPolicy bind (istio-system is Istio's root namespace).
+    namespace: str = "istio-system"
+    authn: Any = None  # authn.runtime.AuthnSettings; None: the defaults
     credentials_dir: str | None = None  # credentialName -> <dir>/<name>/tls.crt, tls.key, ca.crt
     cert_poll_s: float = 2.0  # how often certificate files are checked for changes (0: never)
     ratelimit: Any = None  # ratelimit.LimiterSettings (--redis-url ...); None: the defaults
@@ -79,7 +83,7 @@ def _services(
         reload_interval_s=options.reload_interval_s,
         trace_sampling=options.trace_sampling,
         otlp_endpoint=options.otlp_endpoint,
-        workload=WorkloadLabels(options.workload_name, "istio-system"),
+        workload=WorkloadLabels(options.workload_name, options.namespace),
         pools=pools,
         serving=serving,
     )
@@ -100,7 +104,7 @@ def build_snapshot(options: RunOptions) -> tuple[Model, Snapshot]:
     from .routing.compile import compile_snapshot
 
     model = load_config(list(options.paths))
-    snapshot = compile_snapshot(model, dict(options.labels))
+    snapshot = compile_snapshot(model, dict(options.labels), namespace=options.namespace)
     from ratelimit.limiter import LimiterSettings, snapshot_problem
 
     problem = snapshot_problem(snapshot, options.ratelimit or LimiterSettings())
@@ -190,12 +194,24 @@ async def _serve_worker(
     readiness = Readiness(snapshot_version=snapshot.version)
     services = _services(options, snapshot_ref, readiness, pools, serving=True)
     loop.add_signal_handler(signal.SIGHUP, services.sighup)
+    from authn.runtime import SecurityRuntime
+
+    security = SecurityRuntime(options.authn)
+    # JWKS first fetches before the listeners open (bounded), so the first requests
+    # find keys when the endpoint is up; when it is down, they get 401 meanwhile.
+    await security.prepare(snapshot.security)
+    services.security = security  # JWKS health and decisions in /config_dump, /metrics
     from ratelimit.limiter import start_limiter
 
     limiter = await start_limiter(options.ratelimit, buckets)
     services.ratelimit = limiter  # counters in /metrics
     pipeline = Pipeline(
-        snapshot_ref, pools, access_log, limiter=limiter, **services.pipeline_kwargs()
+        snapshot_ref,
+        pools,
+        access_log,
+        security=security,
+        limiter=limiter,
+        **services.pipeline_kwargs(),
     )
     listeners = ListenerSet(pipeline.handle, settings, options.address)
     tls_listeners = [
@@ -212,6 +228,9 @@ async def _serve_worker(
     async def follow_reload(old: Snapshot, new: Snapshot) -> list[str]:
         from .server.listeners import partition_listeners
         from .services import rebind_listeners
+
+        # New JWKS URIs are fetched before the first request needs them.
+        await security.prepare(new.security)
 
         def served(snap: Snapshot) -> set[int]:
             return {lst.port for lst in partition_listeners(snap.listeners.values())[0]}
@@ -267,8 +286,9 @@ async def _serve_worker(
     if listeners.certificates is not None:
         await listeners.certificates.close()
     pools.close()
-    await services.close()
+    await security.close()
     await limiter.close()
+    await services.close()
     access_log.flush()
     admin_stop.set()
     if admin_task is not None:

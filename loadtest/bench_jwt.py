@@ -113,7 +113,10 @@ def _wrk(port: int, duration_s: int, header: str | None, script: Path | None) ->
     out = subprocess.run(argv, capture_output=True, text=True, timeout=duration_s + 60).stdout
     rps = next((float(line.split()[1]) for line in out.splitlines() if "Requests/sec" in line), 0)
     non2xx = next((int(line.split()[-1]) for line in out.splitlines() if "Non-2xx" in line), 0)
-    return {"rps": rps, "non2xx": non2xx}
+    requests = next(
+        (int(line.split()[0]) for line in out.splitlines() if " requests in " in line), 0
+    )
+    return {"rps": rps, "non2xx": non2xx, "requests": requests}
 
 
 def main() -> int:
@@ -160,11 +163,18 @@ def main() -> int:
             bench.wait_http_ok(port, proc, variant)  # no token: still allowed (no authz)
         results: dict[str, list[float]] = {v: [] for v in VARIANTS}
         ratios: dict[str, list[float]] = {v: [] for v in VARIANTS}
+        cpu_us: dict[str, list[float]] = {v: [] for v in VARIANTS}
         for round_no in range(ROUNDS):
             row = {}
             for variant in VARIANTS:
                 _wrk(ports[variant], 2, headers[variant], scripts[variant])  # warm-up
-                result = _wrk(ports[variant], DUR, headers[variant], scripts[variant])
+                # CPU time of the gateway process per request: unlike requests/s it
+                # barely moves when other work shares the machine.
+                result = bench.measure(
+                    procs.pid(variant),
+                    lambda v=variant: _wrk(ports[v], DUR, headers[v], scripts[v]),
+                )
+                cpu_us[variant].append((result["cpu_ms_per_req"] or 0.0) * 1000.0)
                 if result["non2xx"]:
                     raise SystemExit(f"{variant}: {result['non2xx']} non-2xx responses")
                 row[variant] = result["rps"]
@@ -173,7 +183,7 @@ def main() -> int:
                 base = row[_baseline(variant)]
                 ratios[variant].append(row[variant] / base if base else 0.0)
             print(f"round {round_no + 1}: " + json.dumps(row), file=sys.stderr, flush=True)
-        report = _report(results, ratios)
+        report = _report(results, ratios, cpu_us)
         print(report)
         if os.environ.get("DOC") == "1":
             with DOC.open("a", encoding="utf-8") as f:
@@ -187,7 +197,11 @@ def _baseline(variant: str) -> str:
     return variant if variant.startswith("off") else f"off-{variant}"
 
 
-def _report(results: dict[str, list[float]], ratios: dict[str, list[float]]) -> str:
+def _report(
+    results: dict[str, list[float]],
+    ratios: dict[str, list[float]],
+    cpu_us: dict[str, list[float]],
+) -> str:
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE
     ).stdout.strip()
@@ -201,13 +215,17 @@ def _report(results: dict[str, list[float]], ratios: dict[str, list[float]]) -> 
         "while this ran, so absolute figures are noisy; the ratios come from the same "
         "rounds.",
         "",
-        "| variant | requests/s (median) | ratio to the same requests without JWT |",
-        "|---|---:|---:|",
+        "| variant | requests/s | ratio to no JWT | gateway CPU µs/request | "
+        "CPU ratio (no JWT / this) |",
+        "|---|---:|---:|---:|---:|",
     ]
     for variant in VARIANTS:
+        cpu = statistics.median(cpu_us[variant])
+        base_cpu = statistics.median(cpu_us[_baseline(variant)])
         lines.append(
             f"| {variant} | {statistics.median(results[variant]):,.0f} | "
-            f"{statistics.median(ratios[variant]):.3f} |"
+            f"{statistics.median(ratios[variant]):.3f} | {cpu:.1f} | "
+            f"{(base_cpu / cpu if cpu else 0.0):.3f} |"
         )
     return "\n".join(lines) + "\n"
 

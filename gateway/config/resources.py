@@ -18,6 +18,14 @@ from typing import Any
 
 __all__ = [
     "API_VERSIONS",
+    "AuthorizationPolicySpec",
+    "AuthzCondition",
+    "AuthzFrom",
+    "AuthzOperation",
+    "AuthzRule",
+    "AuthzSource",
+    "AuthzTo",
+    "ClaimToHeader",
     "ClientTLSSettings",
     "ConnectionPoolSettings",
     "ConsistentHashLB",
@@ -25,6 +33,7 @@ __all__ = [
     "Delegate",
     "Destination",
     "DestinationRuleSpec",
+    "ExtensionProvider",
     "FaultAbort",
     "FaultDelay",
     "GatewayServer",
@@ -41,11 +50,14 @@ __all__ = [
     "HTTPSettings",
     "HeaderOperations",
     "Headers",
+    "JWTHeader",
+    "JWTRule",
     "L4MatchAttributes",
     "LoadBalancerSettings",
     "Metadata",
     "OutlierDetection",
     "Percent",
+    "PolicyTargetReference",
     "Port",
     "PortSelector",
     "PortTrafficPolicy",
@@ -54,6 +66,7 @@ __all__ = [
     "RateLimitPolicySpec",
     "RateLimitRate",
     "RegexRewrite",
+    "RequestAuthenticationSpec",
     "Resource",
     "RouteDestination",
     "ServerTLSSettings",
@@ -503,12 +516,127 @@ class ServiceEntrySpec:
     subject_alt_names: list[str] = field(default_factory=list)
 
 
-# --------------------------------------------------------------------------- meshgate.io
+# --------------------------------------------------------------------------- security.istio.io
 
 
 @dataclass(frozen=True, slots=True)
 class WorkloadSelector:
     match_labels: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyTargetReference:
+    kind: str
+    name: str
+    group: str | None = None
+    namespace: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class JWTHeader:
+    name: str
+    prefix: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimToHeader:
+    header: str
+    claim: str
+
+
+@dataclass(frozen=True, slots=True)
+class JWTRule:
+    # Istio's issuer is one string; meshgate also takes a list, or "*" patterns
+    # (validate.py checks the shape).
+    issuer: Any = None
+    audiences: list[str] = field(default_factory=list)
+    jwks_uri: str | None = None
+    jwks: str | None = None
+    from_headers: list[JWTHeader] = field(default_factory=list)
+    from_params: list[str] = field(default_factory=list)
+    from_cookies: list[str] = field(default_factory=list)
+    output_payload_to_header: str | None = None
+    output_claim_to_headers: list[ClaimToHeader] = field(default_factory=list)
+    forward_original_token: bool = False
+    timeout: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RequestAuthenticationSpec:
+    selector: WorkloadSelector | None = None
+    target_ref: PolicyTargetReference | None = None
+    target_refs: list[PolicyTargetReference] = field(default_factory=list)
+    jwt_rules: list[JWTRule] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class AuthzSource:
+    principals: list[str] = field(default_factory=list)
+    not_principals: list[str] = field(default_factory=list)
+    request_principals: list[str] = field(default_factory=list)
+    not_request_principals: list[str] = field(default_factory=list)
+    namespaces: list[str] = field(default_factory=list)
+    not_namespaces: list[str] = field(default_factory=list)
+    service_accounts: list[str] = field(default_factory=list)
+    not_service_accounts: list[str] = field(default_factory=list)
+    ip_blocks: list[str] = field(default_factory=list)
+    not_ip_blocks: list[str] = field(default_factory=list)
+    remote_ip_blocks: list[str] = field(default_factory=list)
+    not_remote_ip_blocks: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class AuthzFrom:
+    source: AuthzSource
+
+
+@dataclass(frozen=True, slots=True)
+class AuthzOperation:
+    hosts: list[str] = field(default_factory=list)
+    not_hosts: list[str] = field(default_factory=list)
+    ports: list[str] = field(default_factory=list)
+    not_ports: list[str] = field(default_factory=list)
+    methods: list[str] = field(default_factory=list)
+    not_methods: list[str] = field(default_factory=list)
+    paths: list[str] = field(default_factory=list)
+    not_paths: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class AuthzTo:
+    operation: AuthzOperation
+
+
+@dataclass(frozen=True, slots=True)
+class AuthzCondition:
+    key: str
+    values: list[str] = field(default_factory=list)
+    not_values: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class AuthzRule:
+    from_: list[AuthzFrom] = field(default_factory=list)
+    to: list[AuthzTo] = field(default_factory=list)
+    when: list[AuthzCondition] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class ExtensionProvider:
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class AuthorizationPolicySpec:
+    selector: WorkloadSelector | None = None
+    target_ref: PolicyTargetReference | None = None
+    target_refs: list[PolicyTargetReference] = field(default_factory=list)
+    rules: list[AuthzRule] = field(default_factory=list)
+    action: str = "ALLOW"  # ALLOW | DENY | AUDIT | CUSTOM
+    provider: ExtensionProvider | None = None
+
+
+# --------------------------------------------------------------------------- meshgate.io
 
 
 @dataclass(frozen=True, slots=True)
@@ -601,6 +729,14 @@ API_VERSIONS: dict[str, tuple[tuple[str, ...], type]] = {
     "ServiceEntry": (
         ("networking.istio.io/v1", "networking.istio.io/v1beta1", "networking.istio.io/v1alpha3"),
         ServiceEntrySpec,
+    ),
+    "RequestAuthentication": (
+        ("security.istio.io/v1", "security.istio.io/v1beta1"),
+        RequestAuthenticationSpec,
+    ),
+    "AuthorizationPolicy": (
+        ("security.istio.io/v1", "security.istio.io/v1beta1"),
+        AuthorizationPolicySpec,
     ),
     "RateLimitPolicy": (("meshgate.io/v1alpha1",), RateLimitPolicySpec),
 }

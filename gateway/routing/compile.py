@@ -50,6 +50,7 @@ from ..policy import compile_cluster_traffic, compile_route_traffic
 from .dump import snapshot_content_hash
 from .table import (
     NO_HEADER_OPS,
+    ClaimMatch,
     Cluster,
     CorsPolicy,
     DirectResponse,
@@ -82,6 +83,8 @@ _PASSTHROUGH_MODES = frozenset({"PASSTHROUGH", "AUTO_PASSTHROUGH"})
 # HTTP ports it only carries httpsRedirect).
 _TLS_PROTOCOLS = frozenset({"HTTPS", "TLS"})
 
+_CLAIM_KEY = "@request.auth.claims."
+
 # Istio: "The keys uri, scheme, method, and authority will be ignored" in headers.
 _IGNORED_HEADER_KEYS = frozenset({"uri", "scheme", "method", "authority"})
 
@@ -109,12 +112,16 @@ _DURATION_UNIT_S = {
 }
 
 
-def compile_snapshot(model: Model, gateway_labels: Mapping[str, str]) -> Snapshot:
+def compile_snapshot(
+    model: Model, gateway_labels: Mapping[str, str], *, namespace: str = "istio-system"
+) -> Snapshot:
     """Build the Snapshot for a gateway workload carrying ``gateway_labels``.
 
     Only Gateways whose ``selector`` is a subset of the labels apply (an empty
     selector applies to every gateway, as in Istio). The result is deterministic:
     the same model and labels give an equal Snapshot with the same ``version``.
+    ``namespace`` is where the gateway runs; it decides which RequestAuthentication
+    and AuthorizationPolicy resources bind to it (``authn.policy``).
     """
     # Compiling allocates hundreds of thousands of long-lived, acyclic objects for a
     # large config; the cyclic collector would rescan the growing heap again and
@@ -123,6 +130,11 @@ def compile_snapshot(model: Model, gateway_labels: Mapping[str, str]) -> Snapsho
     gc.disable()
     try:
         snapshot = _Compiler(model, dict(gateway_labels)).build()
+        if model.of_kind("RequestAuthentication") or model.of_kind("AuthorizationPolicy"):
+            from authn.policy import compile_security
+
+            security = compile_security(model, gateway_labels, namespace)
+            snapshot = dataclasses.replace(snapshot, security=security)
         if model.of_kind("RateLimitPolicy"):
             from ratelimit.policy import attach_rate_limits
 
@@ -269,7 +281,7 @@ def _is_catch_all(route: Route) -> bool:
     for m in route.matches:
         if m.uri is not None and not (m.uri.kind == "prefix" and m.uri.value == "/"):
             continue
-        if m.headers or m.without_headers or m.query_params:
+        if m.headers or m.without_headers or m.query_params or m.claims:
             continue
         if m.method is not None or m.scheme is not None or m.authority is not None:
             continue
@@ -509,7 +521,6 @@ class _Compiler:
             cumulative=tuple(cumulative),
         )
 
-
     def _binds(self, vs: Resource, gw: Resource) -> bool:
         """Does the VirtualService's top-level ``gateways`` name this Gateway?
 
@@ -602,7 +613,17 @@ class _Compiler:
         headers = tuple(
             HeaderMatch(name.lower(), None if _presence_only(m) else _string_matcher(m))
             for name, m in sorted(entry.headers.items())
-            if name.lower() not in _IGNORED_HEADER_KEYS
+            if name.lower() not in _IGNORED_HEADER_KEYS and not name.startswith(_CLAIM_KEY)
+        )
+        # Istio's gateway-only "@request.auth.claims.<a>.<b>" keys match verified
+        # JWT claims, never a header of that name.
+        claims = tuple(
+            ClaimMatch(
+                tuple(name[len(_CLAIM_KEY) :].split(".")),
+                None if _presence_only(m) else _string_matcher(m),
+            )
+            for name, m in sorted(entry.headers.items())
+            if name.startswith(_CLAIM_KEY)
         )
         without = tuple(
             HeaderMatch(name.lower(), None if _presence_only(m) else _string_matcher(m))
@@ -622,6 +643,7 @@ class _Compiler:
             without_headers=without,
             query_params=query,
             port=entry.port,
+            claims=claims,
         )
 
     def _action(self, http: HTTPRoute, vs_namespace: str, port: int):

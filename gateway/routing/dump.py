@@ -51,6 +51,9 @@ def snapshot_to_dict(snapshot: Snapshot, *, include_sources: bool = True) -> dic
             for port in sorted(snapshot.listeners)
         ],
         "clusters": [_cluster(snapshot.clusters[name]) for name in sorted(snapshot.clusters)],
+        # Bound RequestAuthentication/AuthorizationPolicy, only when there are some,
+        # so configurations without them dump (and hash) as before.
+        **({"security": snapshot.security.to_dict()} if snapshot.security is not None else {}),
     }
 
 
@@ -179,6 +182,10 @@ def _match(m: RouteMatch) -> dict[str, Any]:
         }
     if m.port is not None:
         out["port"] = m.port
+    if m.claims:
+        out["claims"] = {
+            ".".join(c.path): ({} if c.matcher is None else _matcher(c.matcher)) for c in m.claims
+        }
     return out
 
 
@@ -365,6 +372,9 @@ def _describe_match(m: RouteMatch | None) -> str:
         parts.append(f"?{q.name}" + ("" if q.matcher is None else f"={_describe(q.matcher)}"))
     if m.port is not None:
         parts.append(f"port={m.port}")
+    for c in m.claims:
+        name = "@claims." + ".".join(c.path)
+        parts.append(name + ("" if c.matcher is None else f"={_describe(c.matcher)}"))
     return " ".join(parts)
 
 

@@ -13,9 +13,11 @@ No I/O, no regex compilation, no lower-casing of configuration here.
 from __future__ import annotations
 
 from bisect import bisect_right
-from typing import Protocol
+from collections.abc import Mapping
+from typing import Any, Protocol
 
 from .table import (
+    ClaimMatch,
     Forward,
     HeaderMatch,
     Listener,
@@ -141,7 +143,42 @@ def _query_ok(params: dict[str, str], query: tuple[QueryMatch, ...]) -> bool:
     return True
 
 
-def _accepts(m: RouteMatch, request: MatchableRequest, params: list[dict[str, str]]) -> bool:
+def _claim_values(claims: Mapping[str, Any], path: tuple[str, ...]) -> list[str] | None:
+    value: Any = claims
+    for part in path:
+        if not isinstance(value, Mapping):
+            return None
+        value = value.get(part)
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list):
+        return [v for v in value if isinstance(v, str)]
+    if isinstance(value, bool):
+        return ["true" if value else "false"]
+    if isinstance(value, int | float):
+        return [str(value)]
+    return None
+
+
+def _claims_ok(claims: Mapping[str, Any] | None, wanted: tuple[ClaimMatch, ...]) -> bool:
+    # No verified token: no claim condition can hold (Istio routes such requests on).
+    if claims is None:
+        return False
+    for c in wanted:
+        values = _claim_values(claims, c.path)
+        if values is None:
+            return False
+        if c.matcher is not None and not any(c.matcher.matches(v) for v in values):
+            return False
+    return True
+
+
+def _accepts(
+    m: RouteMatch,
+    request: MatchableRequest,
+    params: list[dict[str, str]],
+    claims: Mapping[str, Any] | None = None,
+) -> bool:
     if m.uri is not None and not m.uri.matches(request.path):
         return False
     if m.method is not None and not m.method.matches(request.method):
@@ -162,15 +199,18 @@ def _accepts(m: RouteMatch, request: MatchableRequest, params: list[dict[str, st
             params.append(parse_query(request.query))
         if not _query_ok(params[0], m.query_params):
             return False
-    return True
+    return not (m.claims and not _claims_ok(claims, m.claims))
 
 
-def match_route(vhost: VirtualHost, request: MatchableRequest) -> Route | None:
+def match_route(
+    vhost: VirtualHost, request: MatchableRequest, claims: Mapping[str, Any] | None = None
+) -> Route | None:
     """The first route of ``vhost`` whose matches accept ``request``.
 
     A route with no match entries accepts everything; several entries are OR-ed and
     the conditions inside one entry are AND-ed. The query string is parsed at most
-    once, and only if a route asks about it.
+    once, and only if a route asks about it. ``claims`` are those of the verified
+    JWT (None without one); only ``@request.auth.claims`` conditions read them.
     """
     params: list[dict[str, str]] = []
     for route in vhost.routes:
@@ -178,7 +218,7 @@ def match_route(vhost: VirtualHost, request: MatchableRequest) -> Route | None:
         if not matches:
             return route
         for m in matches:
-            if _accepts(m, request, params):
+            if _accepts(m, request, params, claims):
                 return route
     return None
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
+    "ClaimMatch",
     "Cluster",
     "CorsPolicy",
     "DirectResponse",
@@ -111,6 +112,17 @@ class QueryMatch:
 
 
 @dataclass(frozen=True, slots=True)
+class ClaimMatch:
+    """A validated-claim condition: ``path`` is the claim's nesting (``("a", "b")``).
+
+    A string claim is matched as a header value would be; a list of strings matches
+    when any element does. ``matcher`` None means "the claim is present"."""
+
+    path: tuple[str, ...]
+    matcher: StringMatcher | None
+
+
+@dataclass(frozen=True, slots=True)
 class RouteMatch:
     """One entry of ``http[].match``: every condition set here must hold."""
 
@@ -123,6 +135,9 @@ class RouteMatch:
     without_headers: tuple[HeaderMatch, ...] = ()
     query_params: tuple[QueryMatch, ...] = ()
     port: int | None = None
+    # ``@request.auth.claims.<a>.<b>`` header keys: matched against the claims of a
+    # verified JWT only (``ctx.auth``), never against anything the client wrote.
+    claims: tuple[ClaimMatch, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -278,7 +293,6 @@ class Listener:
     sni_routes: tuple[SNIRoute, ...] = ()
 
 
-
 @dataclass(frozen=True, slots=True)
 class Endpoint:
     address: str  # IP or DNS name
@@ -311,3 +325,6 @@ class Snapshot:
     listeners: Mapping[int, Listener]
     clusters: Mapping[str, Cluster]
     gateway_labels: Mapping[str, str] = field(default_factory=dict)
+    # authn.policy.SecurityPolicy bound to this gateway, or None: the request stages
+    # then skip authentication and authorization without looking further.
+    security: Any = None
