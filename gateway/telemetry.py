@@ -57,6 +57,7 @@ class RequestRecord(Protocol):
     request_id: str
     xff: str
     user_agent: str
+    authz: str  # the AuthorizationPolicy decision, "" when no policy is bound
 
 
 _PROTOCOLS = {"1.1": "HTTP/1.1", "1.0": "HTTP/1.0", "2": "HTTP/2", "3": "HTTP/3"}
@@ -135,6 +136,8 @@ def format_json(r: RequestRecord, now: float) -> str:
     head = r.head
     upstream_ms = r.upstream_ms
     version = head.http_version
+    # Only requests an AuthorizationPolicy looked at carry the field.
+    authz = f',"authz":{q(r.authz)}' if r.authz else ""
     return (
         f'{{"start_time":"{rfc3339(r.start_wall)}","method":{q(r.method)},'
         f'"authority":{q(r.authority)},"path":{q(r.path)},'
@@ -147,7 +150,7 @@ def format_json(r: RequestRecord, now: float) -> str:
         f'"upstream_service_time_ms":'
         f"{'null' if upstream_ms is None else repr(round(upstream_ms, 3))},"
         f'"request_id":{q(r.request_id or "-")},"x_forwarded_for":{q(r.xff or head.peer)},'
-        f'"user_agent":{q(r.user_agent)}}}\n'
+        f'"user_agent":{q(r.user_agent)}{authz}}}\n'
     )
 
 
@@ -163,5 +166,5 @@ def format_text(r: RequestRecord, now: float) -> str:
         f"{None if upstream_ms is None else round(upstream_ms, 3)} "
         f'"{r.xff or head.peer}" "{r.user_agent}" "{r.request_id or "-"}" '
         f'"{r.authority}" "{r.upstream_host or "-"}" {route_label(r.route)} '
-        f"{r.upstream_cluster or '-'}\n"
+        f"{r.upstream_cluster or '-'}{' ' + r.authz if r.authz else ''}\n"
     )

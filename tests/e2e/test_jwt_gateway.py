@@ -165,6 +165,7 @@ def test_api_without_token_is_denied_403_and_never_forwarded(env: Env) -> None:
     assert env.upstream_count() == before
     record = env.gateway.log_for(response.request.headers["x-request-id"])
     assert "RBAC" in record["response_flags"]
+    assert record["authz"] == "deny:no-allow-match"
 
 
 def test_valid_token_reads_and_the_token_is_stripped(env: Env) -> None:
@@ -173,6 +174,8 @@ def test_valid_token_reads_and_the_token_is_stripped(env: Env) -> None:
     seen = response.json()["headers"]
     assert "authorization" not in seen
     assert seen["x-api-user"] == "alice"
+    record = env.gateway.log_for(response.request.headers["x-request-id"])
+    assert record["authz"] == "allow:istio-system/public-api"
 
 
 def test_client_cannot_spoof_a_claim_header(env: Env) -> None:
