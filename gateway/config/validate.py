@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import functools
 import ipaddress
 import re
 from collections.abc import Iterable, Sequence
@@ -50,6 +51,7 @@ from .resources import (
     ServerTLSSettings,
     ServiceEntrySpec,
     StringMatch,
+    TLSRoute,
     TrafficPolicy,
     VirtualServiceSpec,
     yaml_name,
@@ -291,7 +293,6 @@ def _check_gateway(r: _Report, spec: GatewaySpec) -> None:
             excluded = http3_exclusion(protocol, server.tls.mode, server.tls.max_protocol_version)
             if excluded is not None:
                 r.warn(f"{p}.tls.{excluded[0]}", excluded[1])
-            r.warn(f"{p}.tls", NOT_ENFORCED)
 
 
 def _check_server_tls(r: _Report, path: str, tls: ServerTLSSettings, protocol: str) -> None:
@@ -326,6 +327,40 @@ def _check_server_tls(r: _Report, path: str, tls: ServerTLSSettings, protocol: s
             )
         if tls.mode != "SIMPLE" and not tls.ca_certificates:
             r.error(path, f"{tls.mode} TLS needs caCertificates (or credentialName)")
+    # What the TLS listener does not do (gateway/server/tls.py): say so rather than
+    # accept it in silence.
+    if tls.mode in ("ISTIO_MUTUAL", "AUTO_PASSTHROUGH"):
+        r.warn(f"{path}.mode", f"{tls.mode} is not supported: handshakes for this server fail")
+    elif protocol == "TLS" and tls.mode != "PASSTHROUGH":
+        r.warn(
+            f"{path}.mode",
+            f"{tls.mode} on a TLS (TCP) server is not supported: handshakes for it fail",
+        )
+    for name, value in (
+        ("caCrl", tls.ca_crl),
+        ("verifyCertificateSpki", tls.verify_certificate_spki),
+        ("verifyCertificateHash", tls.verify_certificate_hash),
+    ):
+        if value:
+            r.warn(f"{path}.{name}", NOT_ENFORCED)
+    known = _openssl_ciphers()
+    for i, suite in enumerate(tls.cipher_suites):
+        if suite not in known:
+            r.error(
+                f"{path}.cipherSuites[{i}]",
+                f'unknown cipher suite "{suite}"; use OpenSSL names such as '
+                "ECDHE-RSA-AES128-GCM-SHA256 (TLS 1.3 suites are not configurable)",
+            )
+
+
+@functools.cache
+def _openssl_ciphers() -> frozenset[str]:
+    """Every TLS 1.2-and-older cipher name the local OpenSSL knows."""
+    import ssl
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.set_ciphers("ALL:@SECLEVEL=0")
+    return frozenset(c["name"] for c in ctx.get_ciphers() if c["protocol"] != "TLSv1.3")
 
 
 # --------------------------------------------------------------------------- VirtualService
@@ -341,9 +376,42 @@ def _check_virtual_service(r: _Report, spec: VirtualServiceSpec, is_delegate: bo
         r.host(f"spec.hosts[{i}]", host)
     for i, route in enumerate(spec.http):
         _check_http_route(r, f"spec.http[{i}]", route)
-    for name, value in (("tls", spec.tls), ("tcp", spec.tcp), ("exportTo", spec.export_to)):
+    for i, route in enumerate(spec.tls):
+        _check_tls_route(r, f"spec.tls[{i}]", route)
+    for name, value in (("tcp", spec.tcp), ("exportTo", spec.export_to)):
         if value:
             r.warn(f"spec.{name}", NOT_ENFORCED)
+
+
+def _check_tls_route(r: _Report, p: str, route: TLSRoute) -> None:
+    """A ``tls[]`` route: SNI matches to TCP destinations, for PASSTHROUGH servers."""
+    if not route.match:
+        r.error(f"{p}.match", "at least one match with sniHosts is required")
+    for j, entry in enumerate(route.match):
+        mp = f"{p}.match[{j}]"
+        if not entry.sni_hosts:
+            r.error(f"{mp}.sniHosts", "at least one SNI host is required")
+        for k, host in enumerate(entry.sni_hosts):
+            r.host(f"{mp}.sniHosts[{k}]", host)
+        r.port(f"{mp}.port", entry.port)
+        for name, value in (
+            ("destinationSubnets", entry.destination_subnets),
+            ("sourceLabels", entry.source_labels),
+            ("sourceNamespace", entry.source_namespace),
+        ):
+            if value:
+                r.warn(f"{mp}.{name}", NOT_ENFORCED)
+    if not route.route:
+        r.error(f"{p}.route", "at least one destination is required")
+    in_range = True
+    for k, dest in enumerate(route.route):
+        dp = f"{p}.route[{k}]"
+        _check_destination(r, f"{dp}.destination", dest.destination)
+        if dest.weight is not None and not 0 <= dest.weight <= 100:
+            r.error(f"{dp}.weight", f"weight {dest.weight} is outside 0..100")
+            in_range = False
+    if len(route.route) > 1 and in_range and sum(d.weight or 0 for d in route.route) == 0:
+        r.error(f"{p}.route", "weights add up to 0; give at least one destination a weight")
 
 
 def _check_http_route(r: _Report, p: str, route: HTTPRoute) -> None:
