@@ -551,7 +551,14 @@ class HTTP1Connection(asyncio.Protocol):
             if name == "content-length":
                 content_length = int(value)  # llhttp has checked the digits
             elif name == "transfer-encoding":
-                chunked = "chunked" in value.lower()
+                # RFC 9112 6.3: in a request, chunked must be the final (here: the
+                # only) coding, or the length cannot be known. Anything else, or a
+                # second Transfer-Encoding line, is refused rather than guessed at:
+                # two parties guessing differently is how requests get smuggled.
+                if chunked or value.strip().lower() != "chunked":
+                    self._error = BadRequest(f"unsupported transfer-encoding {value!r}")
+                    raise _Stop
+                chunked = True
             elif name == "upgrade":
                 upgrade = value
             elif name == "connection":
@@ -677,7 +684,10 @@ class HTTP1Connection(asyncio.Protocol):
             self._dispatch(stream)
         else:
             # The head was fine but the body is not: the pipeline, reading the body,
-            # gets the error (and answers it if no response has started yet).
+            # gets the error (and answers it if no response has started yet). When
+            # the error came in the same read as the head, the handler has not run
+            # yet: it then refuses at once and nothing reaches an upstream.
+            stream.rejection = error
             stream._end(error)
         self._body_target = None
         self._stop_reading()

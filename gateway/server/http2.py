@@ -541,7 +541,10 @@ class H2Protocol(asyncio.Protocol):
         conn = self._conn
         settings = self._settings
         if self._going_away or len(self._streams) >= settings.max_concurrent_streams:
-            conn.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
+            # The client may have reset it already, in the same read (h2 has then
+            # closed it): refusing a closed stream must not take the connection down.
+            with contextlib.suppress(h2.exceptions.StreamClosedError):
+                conn.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
             return
         self._roll_reset_window()
         self._window_streams += 1

@@ -98,11 +98,15 @@ def _handler(recorder: Recorder) -> type[http.server.BaseHTTPRequestHandler]:
     return Handler
 
 
+class _Server(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 512  # the default backlog of 5 would stall concurrent tests
+
+
 class ScriptedBackend:
     def __init__(self, port: int, name: str, ssl_context: ssl.SSLContext | None = None) -> None:
         self.recorder = Recorder(name)
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", port), _handler(self.recorder))
-        self.server.daemon_threads = True
+        self.server = _Server(("127.0.0.1", port), _handler(self.recorder))
         if ssl_context is not None:
             self.server.socket = ssl_context.wrap_socket(self.server.socket, server_side=True)
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
