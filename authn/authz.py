@@ -128,8 +128,12 @@ def _in_networks(networks: Sequence[Any], ip: str) -> bool:
 def normalize_path(path: str) -> str:
     """RFC 3986 dot-segment removal, as Envoy's ``normalize_path`` does before RBAC.
 
-    Without it ``/public/../admin`` would pass a rule written for ``/admin``.
+    Without it ``/public/../admin`` would pass a rule written for ``/admin``. A
+    percent-encoded dot (``%2e``) is an unreserved character, so RFC 3986 decodes it
+    first: ``/public/%2e%2e/admin`` is the same walk.
     """
+    if "%" in path and ("%2e" in path or "%2E" in path):
+        path = path.replace("%2e", ".").replace("%2E", ".")
     if "/." not in path:
         return path
     out: list[str] = []

@@ -275,6 +275,7 @@ def test_custom_policy_match_asks_its_provider_before_deny_and_allow(tmp_path: P
     ("raw", "normal"),
     [
         ("/public/../admin", "/admin"),
+        ("/public/%2e%2E/admin", "/admin"),
         ("/a/./b", "/a/b"),
         ("/../../etc", "/etc"),
         ("/a/b/..", "/a/"),
