@@ -289,6 +289,12 @@ class H1Stream:
 
     # -- completion ---------------------------------------------------------------
 
+    def _handler_done(self, task: asyncio.Task[None]) -> None:
+        # Safety net: a handler that returned (or died) without finishing its
+        # response must not leave the connection hanging.
+        if not self.response_done:
+            self.reset()
+
     def _complete(self) -> None:
         self.response_done = True
         self.conn.response_complete(self)
@@ -637,16 +643,11 @@ class HTTP1Connection(asyncio.Protocol):
 
     def _start(self, stream: H1Stream) -> None:
         self._active = stream
-        stream.task = self.loop.create_task(self._run(stream))
-
-    async def _run(self, stream: H1Stream) -> None:
-        try:
-            await self.handler(stream)
-        finally:
-            # Safety net: a handler that returned (or died) without finishing its
-            # response must not leave the connection hanging.
-            if not stream.response_done:
-                stream.reset()
+        # The handler's coroutine is the task itself (no wrapping coroutine whose
+        # frame every suspension and resumption would pass through); the safety
+        # net runs as a done callback instead.
+        task = stream.task = self.loop.create_task(self.handler(stream))  # type: ignore[arg-type]
+        task.add_done_callback(stream._handler_done)
 
     def response_complete(self, stream: H1Stream) -> None:
         """Called by the stream when its last byte has been written."""

@@ -79,6 +79,9 @@ class UpstreamConnection(asyncio.Protocol):
         self.exchanges = 0
         self._write_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
+        self.chunks: deque[bytes] = deque()
+        self.buffered = 0
+        self._reading_paused = False
         self._reset_exchange(False)
 
     def _reset_exchange(self, head_only: bool) -> None:
@@ -89,12 +92,15 @@ class UpstreamConnection(asyncio.Protocol):
         self.message_done = False
         self.keep_alive = False
         self.close_delimited = False
-        self.chunks: deque[bytes] = deque()
-        self.buffered = 0
+        # A connection only comes back for reuse with its body queue drained and
+        # reading resumed (``finish``), so the queue and the flow-control state
+        # carry over rather than being rebuilt for every exchange.
+        if self.chunks:
+            self.chunks.clear()
+            self.buffered = 0
         self.error: GatewayError | None = None
         self.received_any = False
         self._interim = False
-        self._reading_paused = False
         self._head_waiter: asyncio.Future[None] | None = None
         self._body_waiter: asyncio.Future[None] | None = None
 
@@ -217,6 +223,15 @@ class UpstreamConnection(asyncio.Protocol):
             if waiter is None:
                 waiter = self._drain_waiter = self.loop.create_future()
             await waiter
+
+    def head_waiter(self) -> asyncio.Future[None] | None:
+        """A future to await before the response head is in; None when it is (or
+        the exchange failed: ``read_head`` then raises). The caller awaits it
+        directly, one coroutine frame fewer than ``read_head``."""
+        if self.head_done or self.error is not None:
+            return None
+        waiter = self._head_waiter = self.loop.create_future()
+        return waiter
 
     async def read_head(self) -> tuple[int, list[tuple[bytes, bytes]]]:
         """The response status and raw headers; raises UpstreamReset & co. on failure."""
