@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
+import os
 import socket
 import ssl
 import threading
@@ -721,3 +723,100 @@ def test_xfcc_value_has_hash_subject_uri_and_every_dns_name() -> None:
 
     value = xfcc_value(PeerIdentity('CN=a"b', ("spiffe://x/ns/a/sa/b",), ("d1", "d2"), "ab12"))
     assert value == 'Hash=ab12;Subject="CN=a\\"b";URI=spiffe://x/ns/a/sa/b;DNS=d1;DNS=d2'
+
+
+class _EchoServer:
+    """A plain TCP echo (passthrough never decrypts, so the bytes after the
+    ClientHello can be anything); closes its side once the client half-closes."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(4)
+        self.sock.settimeout(10)
+        self.port = self.sock.getsockname()[1]
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        try:
+            conn, _ = self.sock.accept()
+        except OSError:
+            return
+        with conn:
+            conn.settimeout(10)
+            while True:
+                data = conn.recv(1 << 16)
+                if not data:
+                    break
+                conn.sendall(data)
+
+
+def test_passthrough_splices_bytes_both_ways_with_half_close(
+    serve: Callable[..., Served],
+) -> None:
+    echo = _EchoServer()
+    served = serve(
+        "    - port: {number: PORT, name: tls, protocol: TLS}\n"
+        "      hosts: [db.example.com]\n"
+        "      tls: {mode: PASSTHROUGH}\n"
+        "---\n"
+        "apiVersion: networking.istio.io/v1\n"
+        "kind: ServiceEntry\n"
+        "metadata: {name: db, namespace: default}\n"
+        "spec:\n"
+        "  hosts: [db.internal]\n"
+        "  resolution: STATIC\n"
+        "  ports: [{number: 5432, name: tcp, protocol: TCP}]\n"
+        f"  endpoints: [{{address: 127.0.0.1, ports: {{tcp: {echo.port}}}}}]\n"
+        "---\n"
+        "apiVersion: networking.istio.io/v1\n"
+        "kind: VirtualService\n"
+        "metadata: {name: db, namespace: default}\n"
+        "spec:\n"
+        "  hosts: [db.example.com]\n"
+        "  gateways: [edge]\n"
+        "  tls:\n"
+        "    - match: [{sniHosts: [db.example.com]}]\n"
+        "      route: [{destination: {host: db.internal}}]\n"
+    )
+    hello = _client_hello("db.example.com")
+    payload = hello + os.urandom(24 * 1024 * 1024)
+    received = bytearray()
+
+    def read_all(sock: socket.socket) -> None:
+        while True:
+            chunk = sock.recv(1 << 16)
+            if not chunk:
+                return
+            received.extend(chunk)
+
+    with socket.create_connection(("127.0.0.1", served.ports[0]), timeout=10) as sock:
+        reader = threading.Thread(target=read_all, args=(sock,), daemon=True)
+        reader.start()
+        # Writing while reading: the echo's replies must flow back through the
+        # gateway while the upload is still going (back-pressure, not buffering all).
+        sock.sendall(payload)
+        sock.shutdown(socket.SHUT_WR)
+        reader.join(30)
+    assert not reader.is_alive()
+    assert len(received) == len(payload)
+    assert hashlib.sha256(received).digest() == hashlib.sha256(payload).digest()
+
+
+def test_passthrough_with_no_matching_route_closes_the_connection(
+    serve: Callable[..., Served],
+) -> None:
+    served = serve(
+        "    - port: {number: PORT, name: tls, protocol: TLS}\n"
+        '      hosts: ["*"]\n'
+        "      tls: {mode: PASSTHROUGH}\n"
+    )
+    with socket.create_connection(("127.0.0.1", served.ports[0]), timeout=5) as sock:
+        sock.sendall(_client_hello("db.example.com"))
+        # Closed with the hello unread: an RST or a plain EOF, never an answer.
+        try:
+            answer = sock.recv(1)
+        except ConnectionResetError:
+            answer = b""
+        assert answer == b""
