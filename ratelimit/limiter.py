@@ -160,6 +160,27 @@ class Limiter:
     def check(
         self, route_limits: RouteRateLimit, ctx: RequestFacts
     ) -> Verdict | Awaitable[Verdict]:
+        limits = route_limits.limits
+        if len(limits) == 1 and route_limits.local_only:
+            # The common case, without the tally: one local limit.
+            limit = limits[0]
+            found = limit.bucket(ctx)
+            if found is None:
+                return ALLOW
+            bucket, rate = found
+            burst = rate.burst
+            o = self.local.take(bucket, rate.interval_us, burst)
+            if o.allowed:
+                return Verdict(True, burst, o.remaining, -(-o.reset_us // 1_000_000), 0, False, "")
+            return Verdict(
+                False,
+                burst,
+                0,
+                _ceil_s(o.reset_us),
+                max(1, _ceil_s(o.retry_after_us)),
+                False,
+                limit.id,
+            )
         tally = _Tally()
         burst_of: dict[str, int] = {}
         waiting: list[tuple[Limit, asyncio.Future[Outcome | None]]] | None = None

@@ -41,11 +41,13 @@ import mmap
 import multiprocessing
 import time
 from collections.abc import Callable
+from time import monotonic_ns as _monotonic_ns
 from typing import NamedTuple
 
 __all__ = ["PROBE", "LocalBuckets", "Outcome", "gcra", "monotonic_us"]
 
 PROBE = 8  # slots searched per key: bounds the work of one decision
+_new = tuple.__new__  # builds an Outcome without NamedTuple's Python-level __new__
 
 
 class Outcome(NamedTuple):
@@ -125,12 +127,12 @@ class LocalBuckets:
     def take(self, key: str, interval_us: int, burst: int, now_us: int | None = None) -> Outcome:
         """Spend one token of ``key``'s bucket if it has one."""
         if now_us is None:
-            now_us = self.clock()
+            clock = self.clock
+            now_us = _monotonic_ns() // 1000 if clock is monotonic_us else clock()
         h = hash(key) or 1  # 0 marks an empty slot
-        keys = self._keys
-        tats = self._tats
-        mask = self._mask
-        start = h & mask
+        self.decisions += 1
+        if not self.shared:
+            return self._take(h, now_us, interval_us, burst)
         lock = self._lock
         if not lock.acquire(True, self.lock_timeout_s):
             # A worker died inside the critical section (SIGKILL): rather than stall
@@ -138,24 +140,38 @@ class LocalBuckets:
             self.lock_timeouts += 1
             return Outcome(True, 0, 0, 0)
         try:
-            slot = -1
+            return self._take(h, now_us, interval_us, burst)
+        finally:
+            lock.release()
+
+    def _take(self, h: int, now_us: int, interval_us: int, burst: int) -> Outcome:
+        # ``gcra`` inlined: this is the hot path of every limited request.
+        keys = self._keys
+        tats = self._tats
+        mask = self._mask
+        slot = h & mask
+        if keys[slot] == h:
+            tat = tats[slot]  # the common case: the key sits in its home slot
+        else:
+            found = -1
             free = -1
             oldest = -1
             oldest_tat = 0
             for i in range(PROBE):
-                j = (start + i) & mask
+                j = (slot + i) & mask
                 k = keys[j]
                 if k == h:
-                    slot = j
+                    found = j
                     break
-                tat = tats[j]
-                if k == 0 or tat <= now_us:
+                t = tats[j]
+                if k == 0 or t <= now_us:
                     if free < 0:
                         free = j
-                elif oldest < 0 or tat < oldest_tat:
+                elif oldest < 0 or t < oldest_tat:
                     oldest = j
-                    oldest_tat = tat
-            if slot >= 0:
+                    oldest_tat = t
+            if found >= 0:
+                slot = found
                 tat = tats[slot]
             elif free >= 0:
                 slot = free
@@ -164,14 +180,16 @@ class LocalBuckets:
                 slot = oldest
                 tat = 0
                 self.evictions += 1
-            new_tat, outcome = gcra(tat, now_us, interval_us, burst)
-            if outcome.allowed:
-                keys[slot] = h
-                tats[slot] = new_tat
-            self.decisions += 1
-            return outcome
-        finally:
-            lock.release()
+        if tat < now_us:
+            tat = now_us
+        new_tat = tat + interval_us
+        ahead = new_tat - now_us
+        capacity = interval_us * burst
+        if ahead <= capacity:
+            keys[slot] = h
+            tats[slot] = new_tat
+            return _new(Outcome, (True, (capacity - ahead) // interval_us, ahead, 0))
+        return _new(Outcome, (False, 0, tat - now_us, ahead - capacity))
 
     def live_keys(self, now_us: int | None = None) -> int:
         """How many slots hold a bucket that is not yet full (a scan; for tests/metrics)."""

@@ -58,7 +58,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ResponseError
 
 from .local import Outcome
 
@@ -321,6 +321,10 @@ class RedisBackend:
         return replies
 
     async def _pipeline(self, client: Any, batch: list[tuple[str, int, int, Any]]) -> list[Any]:
+        pool = getattr(client, "connection_pool", None)
+        if pool is not None:
+            return await self._pipeline_direct(pool, batch)
+        # Redis Cluster: redis-py's cluster pipeline routes each call to its slot.
         pipe = client.pipeline(transaction=False)
         sha = self._sha
         for bucket, interval_us, burst, _ in batch:
@@ -328,6 +332,44 @@ class RedisBackend:
         self.round_trips += 1
         self.decisions += len(batch)
         return list(await pipe.execute(raise_on_error=False))
+
+    async def _pipeline_direct(
+        self, pool: Any, batch: list[tuple[str, int, int, Any]]
+    ) -> list[Any]:
+        """The same pipelined EVALSHA calls on one pooled connection, packed here.
+
+        Measured on the 2-core CI machine, redis-py's generic pipeline spent ~55 us a
+        command packing arguments and more parsing replies line by line; the calls
+        here are one fixed shape, so they are packed with one format each and the
+        replies read with the connection's parser (hiredis when installed)."""
+        sha = self._sha.encode()
+        parts = []
+        for bucket, interval_us, burst, _ in batch:
+            key = redis_key(bucket).encode("utf-8", "surrogatepass")
+            a = b"%d" % interval_us
+            b = b"%d" % burst
+            parts.append(
+                b"*6\r\n$7\r\nEVALSHA\r\n$%d\r\n%b\r\n$1\r\n1\r\n$%d\r\n%b\r\n"
+                b"$%d\r\n%b\r\n$%d\r\n%b\r\n" % (len(sha), sha, len(key), key, len(a), a, len(b), b)
+            )
+        self.round_trips += 1
+        self.decisions += len(batch)
+        conn = await pool.get_connection()
+        try:
+            await conn.send_packed_command(b"".join(parts), check_health=False)
+            replies: list[Any] = []
+            for _ in batch:
+                try:
+                    replies.append(await conn.read_response(disable_decoding=True))
+                except ResponseError as exc:  # NOSCRIPT and script errors: per call
+                    replies.append(exc)
+        except BaseException:
+            # Timed out or cut mid-reply: the connection's framing is lost.
+            await conn.disconnect(nowait=True)
+            raise
+        finally:
+            await pool.release(conn)
+        return replies
 
     def _fail(self, batch: list[tuple[str, int, int, Any]], exc: BaseException) -> None:
         if not self._down_until:
