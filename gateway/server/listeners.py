@@ -485,6 +485,10 @@ async def _passthrough(owner: ListenerSet, conn: socket.socket, route: SNIRoute)
     downstream.pair = upstream.pair = pair
     downstream.flush_early()
     upstream.flush_early()
+    if upstream.closed and downstream.transport is not None:
+        # The upstream hung up before the client's side was adopted: nothing else
+        # would end the client's connection.
+        downstream.transport.close()
 
 
 class _Splice(asyncio.Protocol):
