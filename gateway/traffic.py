@@ -49,6 +49,7 @@ from .errors import (
 from .policy import ClusterTraffic, ConnectionLimits, RetryPolicy, RouteTraffic
 from .routing.table import Cluster
 from .server.events import RequestHead, ResponseHead
+from .upstream.h2client import H2UpstreamConnection, H2UpstreamStream, refused, request_headers
 from .upstream.lb import Balancer, hash_key, make_balancer
 from .upstream.outlier import EndpointState, OutlierDetector
 from .upstream.pool import EndpointPool, UpstreamConnection, UpstreamPools
@@ -124,6 +125,7 @@ class ClusterState:
         self.credentials_dir = credentials_dir
         self.endpoints: list[EndpointState] = []
         self.pools: dict[str, _ClusterPool] = {}
+        self.h2conns: dict[str, H2UpstreamConnection] = {}
         self.connections = 0
         self.active_requests = 0
         self.pending = 0
@@ -166,9 +168,7 @@ class ClusterState:
         self.endpoints = endpoints
         if traffic != self.traffic or not hasattr(self, "balancer"):
             if traffic.tls != self.traffic.tls or traffic.http2 != self.traffic.http2:
-                for pool in self.pools.values():
-                    pool.close()
-                self.pools.clear()
+                self.close()
                 self.ssl_context = None
                 self.tls_error = None
             self.balancer = make_balancer(traffic.lb)
@@ -300,12 +300,70 @@ class ClusterState:
         pool.connections_opened += 1
         return conn
 
+    async def h2_connection(
+        self, endpoint: EndpointState, pools: UpstreamPools
+    ) -> H2UpstreamConnection:
+        """The endpoint's HTTP/2 connection while it has room, else a new one."""
+        conn = self.h2conns.get(endpoint.key)
+        if conn is not None and conn.usable:
+            return conn
+        limit = self.max_connections
+        if limit is not None and self.connections >= limit:
+            self.overflows += 1
+            raise UpstreamOverflow(f"{self.name}: {self.connections} connections open")
+        loop = asyncio.get_running_loop()
+        tls = self.traffic.tls
+        ssl_context = self._ssl_context() if tls is not None else None
+        server_hostname = server_hostname_for(tls, self.cluster.host) if tls else None
+        timeout_s = self.connect_timeout_s or pools.connect_timeout_s
+        self.connections += 1
+        try:
+            async with asyncio.timeout(timeout_s):
+                transport, conn = await loop.create_connection(
+                    lambda: H2UpstreamConnection(endpoint.host_label),
+                    endpoint.address,
+                    endpoint.port,
+                    ssl=ssl_context,
+                    server_hostname=server_hostname,
+                )
+        except TimeoutError as exc:
+            self.connections -= 1
+            raise UpstreamConnectFailure(f"connect to {endpoint.host_label} timed out") from exc
+        except (OSError, ValueError) as exc:
+            self.connections -= 1
+            raise UpstreamConnectFailure(f"connect to {endpoint.host_label}: {exc}") from exc
+
+        def lost() -> None:
+            self.connections -= 1
+            if self.h2conns.get(endpoint.key) is conn:
+                del self.h2conns[endpoint.key]
+
+        conn.on_lost = lost
+        if conn.closed:  # lost during the handshake already
+            lost()
+            raise UpstreamReset(f"{endpoint.host_label}: closed while connecting")
+        if (
+            tls is not None
+            and tls.subject_alt_names
+            and not tls.insecure_skip_verify
+            and not verify_subject_alt_names(
+                transport.get_extra_info("ssl_object"), tls.subject_alt_names
+            )
+        ):
+            conn.close()
+            raise UpstreamConnectFailure(
+                f"{endpoint.host_label}: certificate carries none of {tls.subject_alt_names}"
+            )
+        self.h2conns[endpoint.key] = conn
+        return conn
+
     def _ssl_context(self) -> Any:
         if self.ssl_context is None:
             tls = self.traffic.tls
             assert tls is not None
+            alpn = ("h2",) if self.traffic.http2 else ("http/1.1",)
             try:
-                self.ssl_context = client_context(tls, self.credentials_dir)
+                self.ssl_context = client_context(tls, self.credentials_dir, alpn)
             except TLSOriginationError as exc:
                 self.tls_error = str(exc)
                 raise UpstreamConnectFailure(f"{self.name}: {exc}") from exc
@@ -315,6 +373,9 @@ class ClusterState:
         for pool in self.pools.values():
             pool.close()
         self.pools.clear()
+        for conn in list(self.h2conns.values()):
+            conn.close()
+        self.h2conns.clear()
 
 
 # --------------------------------------------------------------------------- requests
@@ -524,7 +585,7 @@ class TrafficForwarder:
         state: ClusterState,
         retry: RetryPolicy | None,
         body: _Body | None,
-    ) -> tuple[UpstreamConnection, EndpointState]:
+    ) -> tuple[Any, EndpointState]:
         key: int | None = None
         cookie: str | None = None
         if state.balancer.needs_key:
@@ -549,24 +610,26 @@ class TrafficForwarder:
             state.active_requests += 1
             replayable = body is None or (body.replayable and body.complete)
             try:
+                exchange = self._exchange_h2 if state.traffic.http2 else self._exchange
                 if per_try:
                     try:
                         async with asyncio.timeout(per_try):
-                            conn = await self._exchange(ctx, state, pool, body)
+                            conn = await exchange(ctx, state, pool, body)
                     except TimeoutError as exc:
                         raise UpstreamTimeout(f"no response head within {per_try}s") from exc
                 else:
-                    conn = await self._exchange(ctx, state, pool, body)
+                    conn = await exchange(ctx, state, pool, body)
             except GatewayError as error:
                 endpoint.active_requests -= 1
                 state.active_requests -= 1
-                if error.flag in ("UF", "UR", "UT") and state.detector is not None:
+                is_refused = refused(error)
+                if error.flag in ("UF", "UR", "UT") and not is_refused and state.detector:
                     state.detector.record_local_failure(endpoint, time.monotonic())
                 if (
                     retry is not None
                     and retries_left > 0
                     and replayable
-                    and retry.retry_on_error(error.flag)
+                    and retry.retry_on_error("REFUSED" if is_refused else error.flag)
                 ):
                     retries_left -= 1
                     attempt += 1
@@ -653,6 +716,60 @@ class TrafficForwarder:
             return conn
         raise AssertionError("unreachable")
 
+    async def _exchange_h2(
+        self, ctx: RequestContext, state: ClusterState, pool: _ClusterPool, body: _Body | None
+    ) -> H2UpstreamStream:
+        """Open a stream on the endpoint's HTTP/2 connection, send the request and
+        wait for the response head. A body still arriving is pumped by a task of its
+        own, so a bidirectional gRPC stream can answer before the request ends."""
+        head = ctx.head
+        stream = ctx.stream
+        if body is None:
+            no_body = stream.body_complete()
+            declared = head.header("content-length")
+            length = int(declared) if declared is not None and declared.isdigit() else None
+        else:
+            no_body = body.complete and not body.size
+            length = body.size if body.complete else None
+        conn = await state.h2_connection(pool.state, self.pools)
+        target = f"{head.path}?{head.query}" if head.query else head.path
+        scheme = "https" if state.traffic.tls is not None else "http"
+        headers = request_headers(
+            head.method, scheme, head.authority, target, head.headers, None if no_body else length
+        )
+        h2s = conn.open_stream(headers, end_stream=no_body)
+        try:
+            if not no_body:
+                if body is not None:
+                    for chunk in body.chunks:
+                        await h2s.send_data(chunk, False)
+                if body is not None and body.complete:
+                    await h2s.send_data(b"", True)
+                else:
+                    h2s.pump = asyncio.get_running_loop().create_task(self._pump(ctx, h2s))
+            await h2s.read_head()
+        except BaseException:
+            h2s.reset()  # cancels the pump too
+            raise
+        return h2s
+
+    async def _pump(self, ctx: RequestContext, h2s: H2UpstreamStream) -> None:
+        stream = ctx.stream
+        try:
+            while True:
+                data = await stream.read_body()
+                if data:
+                    ctx.bytes_received += len(data)
+                ended = not data or stream.body_complete()
+                await h2s.send_data(data, ended)
+                if ended:
+                    h2s.pump = None
+                    return
+        except BaseException:
+            # Cancelled with its exchange, or the client went away mid-body: either
+            # way the upstream stream is abandoned; nobody awaits this task.
+            h2s.reset()
+
     async def _stream_rest(self, ctx: RequestContext, conn: UpstreamConnection) -> None:
         stream = ctx.stream
         while True:
@@ -665,9 +782,10 @@ class TrafficForwarder:
                 conn.write(b"0\r\n\r\n")
                 return
 
-    async def _respond(
-        self, ctx: RequestContext, state: ClusterState, conn: UpstreamConnection
-    ) -> None:
+    async def _respond(self, ctx: RequestContext, state: ClusterState, conn: Any) -> None:
+        if isinstance(conn, H2UpstreamStream):
+            await self._respond_h2(ctx, conn)
+            return
         head_only = ctx.head.method == "HEAD"
         status = conn.status
         response = ResponseHead(status, self.stage._response_headers(ctx, conn.headers))
@@ -695,6 +813,36 @@ class TrafficForwarder:
                 conn.close()
         except BaseException:
             conn.close()
+            raise
+
+    async def _respond_h2(self, ctx: RequestContext, h2s: H2UpstreamStream) -> None:
+        """Stream an HTTP/2 response back; trailers go to clients that can take them
+        (HTTP/2 and HTTP/3 streams have ``send_trailers``), else they are dropped."""
+        response = ResponseHead(h2s.status, self.stage._response_headers(ctx, h2s.headers))
+        try:
+            if ctx.head.method == "HEAD" or (h2s.done and not h2s.chunks and not h2s.trailers):
+                data = await h2s.read_body() if h2s.chunks else b""
+                if data:
+                    await ctx.send_whole(response, data)
+                else:
+                    await ctx.send_head(response, True)
+                return
+            await ctx.send_head(response, False)
+            while True:
+                data = await h2s.read_body()
+                if not data:
+                    break
+                await ctx.send_body(data, False)
+            send_trailers = getattr(ctx.stream, "send_trailers", None)
+            if h2s.trailers and send_trailers is not None:
+                await send_trailers(h2s.trailers)
+            else:
+                await ctx.send_body(b"", True)
+            if h2s.pump is not None:
+                # The upstream answered in full before the request body ended.
+                h2s.reset()
+        except BaseException:
+            h2s.reset()
             raise
 
     # -- mirrors ----------------------------------------------------------------------

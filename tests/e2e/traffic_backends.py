@@ -3,6 +3,7 @@ backend (plain or TLS, in a thread) and a throw-away certificate authority."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import http.server
 import ssl
@@ -13,6 +14,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+import h2.config
+import h2.connection
+import h2.events
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -187,3 +191,97 @@ class TestCA:
             context.verify_mode = ssl.CERT_REQUIRED
             context.load_verify_locations(cafile=self.ca_path)
         return context
+
+
+# --------------------------------------------------------------------------- HTTP/2
+
+
+class H2Backend:
+    """A cleartext HTTP/2 (prior knowledge) backend on ``h2``, in a thread of its own.
+
+    ``application/grpc`` requests get their body echoed back as the response message,
+    then trailers ``grpc-status: 0`` and ``grpc-message: echoed``; other requests get
+    ``h2 <name> <body length>``. Every request is recorded with ``protocol: "h2"``."""
+
+    def __init__(self, port: int, name: str) -> None:
+        self.recorder = Recorder(name)
+        self.name = name
+        self.loop = asyncio.new_event_loop()
+        ready = threading.Event()
+        self.server: asyncio.AbstractServer | None = None
+
+        async def start() -> None:
+            self.server = await asyncio.start_server(self._serve, "127.0.0.1", port)
+            ready.set()
+
+        def run() -> None:
+            asyncio.set_event_loop(self.loop)
+            self.loop.run_until_complete(start())
+            self.loop.run_forever()
+
+        threading.Thread(target=run, daemon=True).start()
+        if not ready.wait(10):
+            raise TimeoutError("h2 backend did not start")
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=False, header_encoding="utf-8")
+        )
+        conn.initiate_connection()
+        writer.write(conn.data_to_send())
+        heads: dict[int, dict[str, str]] = {}
+        bodies: dict[int, bytes] = defaultdict(bytes)
+        while True:
+            data = await reader.read(65536)
+            if not data:
+                break
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.RequestReceived):
+                    heads[event.stream_id] = dict(event.headers)
+                elif isinstance(event, h2.events.DataReceived):
+                    bodies[event.stream_id] += event.data
+                    conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                elif isinstance(event, h2.events.StreamEnded):
+                    self._answer(
+                        conn,
+                        event.stream_id,
+                        heads.pop(event.stream_id),
+                        bodies.pop(event.stream_id, b""),
+                    )
+            writer.write(conn.data_to_send())
+            await writer.drain()
+        writer.close()
+
+    def _answer(
+        self, conn: h2.connection.H2Connection, stream_id: int, head: dict[str, str], body: bytes
+    ) -> None:
+        self.recorder.add(
+            {
+                "protocol": "h2",
+                "path": head.get(":path"),
+                "host": head.get(":authority"),
+                "headers": head,
+                "body": body,
+            }
+        )
+        if head.get("content-type", "").startswith("application/grpc"):
+            conn.send_headers(stream_id, [(":status", "200"), ("content-type", "application/grpc")])
+            conn.send_data(stream_id, body)
+            conn.send_headers(
+                stream_id, [("grpc-status", "0"), ("grpc-message", "echoed")], end_stream=True
+            )
+            return
+        payload = f"h2 {self.name} {len(body)}".encode()
+        conn.send_headers(
+            stream_id,
+            [(":status", "200"), ("content-length", str(len(payload))), ("x-served-by", self.name)],
+        )
+        conn.send_data(stream_id, payload, end_stream=True)
+
+    def stop(self) -> None:
+        async def close() -> None:
+            if self.server is not None:
+                self.server.close()
+
+        asyncio.run_coroutine_threadsafe(close(), self.loop).result(5)
+        self.loop.call_soon_threadsafe(self.loop.stop)
