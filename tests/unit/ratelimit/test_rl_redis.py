@@ -230,3 +230,52 @@ def test_redis_urls_of_each_deployment_are_understood() -> None:
     ):
         with pytest.raises(RedisURLError):
             parse_redis_url(bad)
+
+
+_SKEWED_WORKER = """
+import asyncio, json, sys, time
+skew = float(sys.argv[2])
+# This process's clocks run {skew} seconds off: every local clock the limiter could read.
+real_time, real_mono = time.time, time.monotonic
+time.time = lambda: real_time() + skew
+time.monotonic = lambda: real_mono() + skew
+from ratelimit.redis_backend import RedisBackend
+
+async def main():
+    backend = RedisBackend(sys.argv[1], clock=time.monotonic, precheck_max_keys=0)
+    out = []
+    for _ in range(int(sys.argv[3])):
+        result = backend.take("skew", 60_000_000, 6)  # 1 per minute, burst 6
+        outcome = await result if isinstance(result, asyncio.Future) else result
+        out.append([outcome.allowed, outcome.reset_us])
+    await backend.close()
+    print(json.dumps(out))
+
+asyncio.run(main())
+"""
+
+
+def test_processes_with_skewed_clocks_agree_because_redis_keeps_time(
+    redis_server: RedisServer,
+) -> None:
+    import json
+    import subprocess
+    import sys
+
+    def run(skew_s: float, count: int) -> list[list[int]]:
+        done = subprocess.run(
+            [sys.executable, "-c", _SKEWED_WORKER, redis_server.url, str(skew_s), str(count)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        )
+        return json.loads(done.stdout)
+
+    ahead = run(+3600.0, 4)  # an hour fast
+    behind = run(-3600.0, 4)  # an hour slow
+    allowed = [a for a, _ in ahead + behind]
+    assert allowed == [True] * 6 + [False] * 2
+    # Both see the same bucket: after 4 + 2 spent, the reset is ~6 minutes for both.
+    resets = [r for a, r in ahead + behind if not a]
+    assert all(359_000_000 < r <= 360_000_000 for r in resets)
