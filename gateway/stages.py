@@ -496,7 +496,12 @@ class UpstreamStage:
         cluster = snapshot.clusters.get(destination.cluster)
         if cluster is None:
             raise NoHealthyUpstream(f"no cluster {destination.cluster}")
-        if cluster.traffic is not None or ctx.route.traffic is not None:  # type: ignore[union-attr]
+        if (
+            cluster.traffic is not None
+            or ctx.route.traffic is not None  # type: ignore[union-attr]
+            # A WebSocket upgrade (HTTP/1.1 only) becomes a tunnel after a 101.
+            or (ctx.head.http_version == "1.1" and getattr(ctx.stream, "tunnel", None) is not None)
+        ):
             return await self.traffic.forward(ctx, cluster)
         ctx.upstream_cluster = cluster.name
         pools = self.pools

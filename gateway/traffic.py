@@ -35,6 +35,7 @@ import random
 import secrets
 import time
 from collections import deque
+from collections.abc import Callable
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
@@ -59,6 +60,7 @@ from .upstream.tls import (
     server_hostname_for,
     verify_subject_alt_names,
 )
+from .upstream.websocket import UpstreamHandshake, splice
 
 if TYPE_CHECKING:
     from .stages import RequestContext, UpstreamStage
@@ -300,6 +302,29 @@ class ClusterState:
         pool.connections_opened += 1
         return conn
 
+    async def connect_raw(
+        self, endpoint: EndpointState, factory: Callable[[], Any], pools: UpstreamPools
+    ) -> tuple[Any, Any]:
+        """A connection of its own to ``endpoint`` (TLS as configured), outside the
+        pools and the connection count: an upgraded connection is never shared."""
+        loop = asyncio.get_running_loop()
+        tls = self.traffic.tls
+        ssl_context = self._ssl_context() if tls is not None else None
+        server_hostname = server_hostname_for(tls, self.cluster.host) if tls else None
+        try:
+            async with asyncio.timeout(self.connect_timeout_s or pools.connect_timeout_s):
+                return await loop.create_connection(
+                    factory,
+                    endpoint.address,
+                    endpoint.port,
+                    ssl=ssl_context,
+                    server_hostname=server_hostname,
+                )
+        except TimeoutError as exc:
+            raise UpstreamConnectFailure(f"connect to {endpoint.host_label} timed out") from exc
+        except (OSError, ValueError) as exc:
+            raise UpstreamConnectFailure(f"connect to {endpoint.host_label}: {exc}") from exc
+
     async def h2_connection(
         self, endpoint: EndpointState, pools: UpstreamPools
     ) -> H2UpstreamConnection:
@@ -492,6 +517,9 @@ class TrafficForwarder:
     async def forward(self, ctx: RequestContext, cluster: Cluster) -> None:
         route = ctx.route
         assert route is not None and ctx.forward is not None
+        if getattr(ctx.stream, "tunnel", None) is not None:
+            await self._forward_upgrade(ctx, cluster)
+            return
         traffic: RouteTraffic | None = getattr(route, "traffic", None)
         fault = traffic.fault if traffic is not None else None
         if fault is not None and await self._fault(ctx, fault):
@@ -844,6 +872,79 @@ class TrafficForwarder:
         except BaseException:
             h2s.reset()
             raise
+
+    # -- upgrades -----------------------------------------------------------------------
+
+    async def _forward_upgrade(self, ctx: RequestContext, cluster: Cluster) -> None:
+        """A WebSocket upgrade: its own upstream connection, the handshake within
+        the route timeout, then (on 101) a byte tunnel for as long as both sides
+        keep it open. Retries, faults and mirrors do not apply to tunnels."""
+        state = self.state_for(cluster)
+        ctx.upstream_cluster = state.name
+        key = None
+        if state.balancer.needs_key:
+            key, _ = self._hash(ctx, state)
+        endpoint = state.pick(key, None)
+        ctx.upstream_host = endpoint.host_label
+        head = ctx.head
+        request = _request_head_bytes(head, head.authority, None, False)
+        # Hop-by-hop cleaning removed them; the upstream must see the upgrade asked.
+        request = request[:-2] + b"connection: upgrade\r\nupgrade: websocket\r\n\r\n"
+        timeout_s = ctx.forward.timeout_s if ctx.forward is not None else None
+        started = perf_counter()
+        endpoint.active_requests += 1
+        state.active_requests += 1
+        try:
+            async with asyncio.timeout(timeout_s):
+                transport, handshake = await state.connect_raw(
+                    endpoint, lambda: UpstreamHandshake(endpoint.host_label), self.pools
+                )
+                try:
+                    transport.write(request)
+                    await handshake.head
+                    if handshake.status != 101:
+                        await handshake.body_done
+                except BaseException:
+                    transport.close()
+                    raise
+        except TimeoutError as exc:
+            raise UpstreamTimeout(f"no upgrade answer within {timeout_s}s") from exc
+        finally:
+            endpoint.active_requests -= 1
+            state.active_requests -= 1
+        ctx.upstream_ms = (perf_counter() - started) * 1000.0
+        if state.detector is not None:
+            state.detector.record_status(endpoint, handshake.status, time.monotonic())
+        if handshake.status != 101:
+            transport.close()
+            headers = [
+                (n, v)
+                for n, v in handshake.headers
+                if n not in (b"content-length", b"transfer-encoding")
+            ]
+            body = handshake.take_rest()
+            if handshake.content_length is not None:
+                body = body[: handshake.content_length]
+            headers.append((b"content-length", str(len(body)).encode()))
+            response = ResponseHead(handshake.status, self.stage._response_headers(ctx, headers))
+            await ctx.send_whole(response, body)
+            return
+        # 101: the head goes to the client as the upstream wrote it (upgrade and
+        # connection included: they are the point), then the bytes flow.
+        from .stages import finish_response_headers
+
+        extra = finish_response_headers(ctx, [])
+        lines = [b"HTTP/1.1 101 Switching Protocols\r\n"]
+        lines += [b"%s: %s\r\n" % (n, v) for n, v in handshake.headers]
+        lines += [f"{n}: {v}\r\n".encode("latin-1") for n, v in extra]
+        lines.append(b"\r\n")
+        down, down_rest = ctx.stream.take_over()  # type: ignore[attr-defined]
+        ctx.status = 101
+        ctx.response_started = True
+        down.write(b"".join(lines))
+        sent_up, sent_down = await splice(down, down_rest, transport, handshake.take_rest())
+        ctx.bytes_received += sent_up
+        ctx.bytes_sent += sent_down
 
     # -- mirrors ----------------------------------------------------------------------
 

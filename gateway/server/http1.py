@@ -109,6 +109,7 @@ class H1Stream:
         "response_done",
         "response_started",
         "task",
+        "tunnel",
     )
 
     def __init__(self, conn: HTTP1Connection, head: RequestHead, keep_alive: bool) -> None:
@@ -130,6 +131,9 @@ class H1Stream:
         self._pending: bytes | None = None
         self._body_waiter: asyncio.Future[None] | None = None
         self.task: asyncio.Task[None] | None = None
+        # An Upgrade (WebSocket) request: the bytes read after its head, kept for the
+        # tunnel. None for every other request.
+        self.tunnel: bytearray | None = None
 
     # -- request body (fed by the connection) -------------------------------------
 
@@ -287,6 +291,17 @@ class H1Stream:
         self.response_done = True
         self.conn.abort()
 
+    def take_over(self) -> tuple[asyncio.Transport, bytes]:
+        """For an upgrade the upstream accepted (101): the raw connection and the
+        bytes already read after the request head. The connection stops being HTTP:
+        its timers stop and this adapter lets go of it (as for an h2c hand-over)."""
+        conn = self.conn
+        self.response_started = self.response_done = True
+        conn._hand_over()
+        transport = conn.transport
+        assert transport is not None
+        return transport, bytes(self.tunnel or b"")
+
     # -- completion ---------------------------------------------------------------
 
     def _handler_done(self, task: asyncio.Task[None]) -> None:
@@ -337,6 +352,7 @@ class HTTP1Connection(asyncio.Protocol):
         self._error: GatewayError | None = None
         self._upgrade: tuple[RequestHead, str] | None = None
         self._upgrade_body: tuple[H1Stream, bytes] | None = None
+        self._tunnel: H1Stream | None = None  # the WebSocket upgrade being answered
         self._discarding = False
         self._in_head = False
         self._head_timer: asyncio.TimerHandle | None = None
@@ -498,6 +514,13 @@ class HTTP1Connection(asyncio.Protocol):
             ):
                 self._upgrade = (head, settings_value)
                 return
+            if not has_body and upgrade.lower() == "websocket":
+                # llhttp stops after this head; what follows is the tunnel's if the
+                # upstream answers 101, and nothing is parsed on this connection
+                # after it either way.
+                stream.tunnel = bytearray()
+                self._tunnel = stream
+                self.must_close = True
             if has_body:
                 # llhttp stops at the end of an upgrade request's head; its body is
                 # re-framed by hand once the parser gives control back.
@@ -739,6 +762,12 @@ class HTTP1Connection(asyncio.Protocol):
             self.on_handover(successor)
 
     def _after_upgrade(self, rest: bytes) -> None:
+        tunnel, self._tunnel = self._tunnel, None
+        if tunnel is not None and tunnel.tunnel is not None:
+            tunnel.tunnel.extend(rest)
+            # Hold the client's next bytes in the socket until the upstream answers.
+            self._stop_reading()
+            return
         upgrade, self._upgrade = self._upgrade, None
         if upgrade is not None:
             http2 = _http2_module()

@@ -1,13 +1,17 @@
-"""Upstream HTTP/2 through a real ``meshgate run``: chosen by the ServiceEntry port
-protocol (GRPC) or by ``h2UpgradePolicy: UPGRADE``; gRPC messages and trailers pass
-through end to end to an HTTP/2 client; HTTP/1.1 clients are served from an HTTP/2
-upstream too."""
+"""Upstream protocols through a real ``meshgate run``: HTTP/2 chosen by the
+ServiceEntry port protocol (GRPC) or by ``h2UpgradePolicy: UPGRADE``, gRPC messages
+and trailers passed through end to end to an HTTP/2 client, HTTP/1.1 clients served
+from an HTTP/2 upstream; WebSocket upgrades over HTTP/1.1 (101 passed through, then
+frames both ways, a refused upgrade answered as the upstream answered it)."""
 
 from __future__ import annotations
 
+import base64
+import os
 import socket
 import struct
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +21,15 @@ import h2.events
 import httpx
 import pytest
 from test_gateway_helpers import Gateway, free_ports
-from traffic_backends import H2Backend, ScriptedBackend
+from traffic_backends import (
+    H2Backend,
+    ScriptedBackend,
+    WebSocketEcho,
+    read_head,
+    ws_accept,
+    ws_frame,
+    ws_read_frame,
+)
 
 CONFIG = """
 apiVersion: networking.istio.io/v1
@@ -54,6 +66,15 @@ spec:
   endpoints: [{{address: 127.0.0.1, ports: {{http: {h1}}}}}]
 ---
 apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: ws, namespace: shop}}
+spec:
+  hosts: [ws.local]
+  resolution: STATIC
+  ports: [{{number: 80, name: http, protocol: HTTP}}]
+  endpoints: [{{address: 127.0.0.1, ports: {{http: {ws}}}}}]
+---
+apiVersion: networking.istio.io/v1
 kind: DestinationRule
 metadata: {{name: upgraded, namespace: shop}}
 spec:
@@ -71,22 +92,29 @@ spec:
       route: [{{destination: {{host: grpc.local}}}}]
     - match: [{{uri: {{prefix: /upgraded}}}}]
       route: [{{destination: {{host: upgraded.local}}}}]
+    - match: [{{uri: {{prefix: /ws}}}}]
+      timeout: 2s
+      route: [{{destination: {{host: ws.local}}}}]
     - route: [{{destination: {{host: plain.local}}}}]
 """
 
 
 class Setup:
     def __init__(self, tmp: Path) -> None:
-        self.port, admin, h2_port, h1_port = free_ports(4)
+        self.port, admin, h2_port, h1_port, ws_port = free_ports(5)
         self.h2 = H2Backend(h2_port, "h2")
         self.h1 = ScriptedBackend(h1_port, "h1")
-        (tmp / "config.yaml").write_text(CONFIG.format(port=self.port, h2=h2_port, h1=h1_port))
+        self.ws = WebSocketEcho(ws_port)
+        (tmp / "config.yaml").write_text(
+            CONFIG.format(port=self.port, h2=h2_port, h1=h1_port, ws=ws_port)
+        )
         self.gateway = Gateway(tmp, admin)
 
     def stop(self) -> None:
         self.gateway.stop()
         self.h2.stop()
         self.h1.stop()
+        self.ws.stop()
 
 
 @pytest.fixture(scope="module")
@@ -168,3 +196,55 @@ def test_plain_http_ports_stay_on_http1(gw: Setup) -> None:
         f"http://127.0.0.1:{gw.port}/plain", headers={"host": "app.local"}, timeout=10
     )
     assert response.status_code == 200 and response.headers["x-served-by"] == "h1"
+
+
+def _ws_handshake(port: int, path: str, rid: str) -> tuple[socket.socket, bytes, bytes, bytes]:
+    key = base64.b64encode(os.urandom(16))
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(
+        f"GET {path} HTTP/1.1\r\nHost: app.local\r\nUpgrade: websocket\r\n"
+        f"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\nx-request-id: {rid}\r\n".encode()
+        + b"Sec-WebSocket-Key: "
+        + key
+        + b"\r\n\r\n"
+    )
+    head, rest = read_head(sock)
+    return sock, key, head, rest
+
+
+def test_websocket_upgrade_is_tunnelled_both_ways(gw: Setup) -> None:
+    rid = uuid.uuid4().hex
+    sock, key, head, rest = _ws_handshake(gw.port, "/ws/chat", rid)
+    with sock:
+        assert head.startswith(b"HTTP/1.1 101 ")
+        assert b"sec-websocket-accept: " + ws_accept(key) in head
+        assert rest == b""
+        sock.sendall(ws_frame(1, b"hello", mask=True))
+        assert ws_read_frame(sock) == (1, b"hello")
+        # A frame bigger than every buffer on the way: the tunnel must carry it whole
+        # while both sides apply back-pressure, and past the route's 2 s timeout
+        # (which covers the handshake only).
+        big = os.urandom(4 * 1024 * 1024)
+        sock.sendall(ws_frame(2, big, mask=True))
+        assert ws_read_frame(sock) == (2, big)
+        sock.sendall(ws_frame(8, b"\x03\xe8", mask=True))
+        assert ws_read_frame(sock) == (8, b"\x03\xe8")
+        assert sock.recv(1) == b""  # the backend closed, so the tunnel closed
+    seen = gw.ws.recorder.wait_for(lambda r: r["path"] == "/ws/chat")
+    assert seen["headers"]["upgrade"] == "websocket"
+    assert "upgrade" in seen["headers"]["connection"].lower()
+    log = gw.gateway.log_for(rid)
+    assert log["status"] == 101
+    assert log["bytes_received"] > len(big) and log["bytes_sent"] > len(big)
+
+
+def test_refused_websocket_upgrade_gets_the_upstream_answer(gw: Setup) -> None:
+    sock, _, head, rest = _ws_handshake(gw.port, "/ws-refuse", uuid.uuid4().hex)
+    with sock:
+        assert head.startswith(b"HTTP/1.1 403 ")
+        while len(rest) < 2:
+            chunk = sock.recv(100)
+            if not chunk:
+                break
+            rest += chunk
+    assert rest == b"no"

@@ -4,9 +4,14 @@ backend (plain or TLS, in a thread) and a throw-away certificate authority."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import datetime
+import hashlib
 import http.server
+import os
+import socket
 import ssl
+import struct
 import threading
 import time
 from collections import defaultdict
@@ -285,3 +290,125 @@ class H2Backend:
 
         asyncio.run_coroutine_threadsafe(close(), self.loop).result(5)
         self.loop.call_soon_threadsafe(self.loop.stop)
+
+
+# --------------------------------------------------------------------------- WebSocket
+
+_WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+
+def ws_accept(key: bytes) -> bytes:
+    return base64.b64encode(hashlib.sha1(key + _WS_GUID).digest())
+
+
+def ws_frame(opcode: int, payload: bytes, *, mask: bool) -> bytes:
+    """One final WebSocket frame (RFC 6455 5.2); clients must mask, servers must not."""
+    head = bytearray([0x80 | opcode])
+    length = len(payload)
+    bit = 0x80 if mask else 0
+    if length < 126:
+        head.append(bit | length)
+    elif length < 1 << 16:
+        head.append(bit | 126)
+        head += struct.pack(">H", length)
+    else:
+        head.append(bit | 127)
+        head += struct.pack(">Q", length)
+    if not mask:
+        return bytes(head) + payload
+    key = os.urandom(4)
+    return bytes(head) + key + _xor(payload, key)
+
+
+def _xor(payload: bytes, key: bytes) -> bytes:
+    repeated = (key * (len(payload) // 4 + 1))[: len(payload)]
+    return (int.from_bytes(payload, "big") ^ int.from_bytes(repeated, "big")).to_bytes(
+        len(payload), "big"
+    )
+
+
+def _recv_exact(sock: socket.socket, count: int) -> bytes:
+    data = bytearray()
+    while len(data) < count:
+        chunk = sock.recv(min(count - len(data), 1 << 20))
+        if not chunk:
+            raise ConnectionError("closed mid-frame")
+        data += chunk
+    return bytes(data)
+
+
+def ws_read_frame(sock: socket.socket) -> tuple[int, bytes]:
+    first, second = _recv_exact(sock, 2)
+    length = second & 0x7F
+    if length == 126:
+        (length,) = struct.unpack(">H", _recv_exact(sock, 2))
+    elif length == 127:
+        (length,) = struct.unpack(">Q", _recv_exact(sock, 8))
+    key = _recv_exact(sock, 4) if second & 0x80 else None
+    payload = _recv_exact(sock, length)
+    return first & 0x0F, _xor(payload, key) if key else payload
+
+
+def read_head(sock: socket.socket) -> tuple[bytes, bytes]:
+    """An HTTP head (up to the blank line) and whatever followed it in the reads."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError(f"closed before the head end: {data!r}")
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    return head, rest
+
+
+class WebSocketEcho:
+    """A WebSocket echo server on plain sockets, one thread per connection.
+    ``/ws-refuse`` is answered ``403`` instead of being upgraded."""
+
+    def __init__(self, port: int) -> None:
+        self.recorder = Recorder("ws")
+        self.sock = socket.create_server(("127.0.0.1", port), backlog=64)
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            try:
+                head, rest = read_head(conn)
+            except ConnectionError:
+                return
+            lines = head.split(b"\r\n")
+            path = lines[0].split(b" ")[1].decode()
+            headers = {}
+            for line in lines[1:]:
+                name, _, value = line.partition(b":")
+                headers[name.strip().lower().decode()] = value.strip().decode()
+            self.recorder.add({"path": path, "headers": headers})
+            if path == "/ws-refuse":
+                conn.sendall(b"HTTP/1.1 403 Forbidden\r\ncontent-length: 2\r\n\r\nno")
+                return
+            accept = ws_accept(headers["sec-websocket-key"].encode())
+            conn.sendall(
+                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n"
+            )
+            assert not rest  # the client waits for the 101 before sending frames
+            while True:
+                try:
+                    opcode, payload = ws_read_frame(conn)
+                except ConnectionError:
+                    return
+                if opcode == 8:
+                    conn.sendall(ws_frame(8, payload, mask=False))
+                    return
+                conn.sendall(ws_frame(opcode, payload, mask=False))
+
+    def stop(self) -> None:
+        self.sock.close()
