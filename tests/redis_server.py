@@ -33,6 +33,17 @@ def _ping(port: int) -> bool:
         return False
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM it when the test process dies, so that an
+    interrupted run (a timeout, Ctrl-C) leaves no redis-server behind."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 class RedisServer:
     """One redis-server process; ``kill`` and ``start`` again keep the port."""
 
@@ -64,6 +75,7 @@ class RedisServer:
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent,
         )
         deadline = time.monotonic() + timeout_s
         while not _ping(self.port):
