@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from gateway.config.load import load_resources
+from gateway.config.validate import validate
 from gateway.policy import (
     ClusterTraffic,
     LoadBalancer,
     compile_cluster_traffic,
     compile_route_traffic,
 )
+from gateway.routing.compile import compile_snapshot
 
 
 def clusters(dest: object) -> str:
@@ -121,3 +126,71 @@ def test_h2_upgrade_policy_turns_http2_on() -> None:
         {"connectionPool": {"http": {"h2UpgradePolicy": "UPGRADE"}}}, "HTTP"
     )
     assert traffic is not None and traffic.http2
+
+
+SUBSETS_AND_PORTS = """
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: gw, namespace: default}
+spec:
+  selector: {istio: ingressgateway}
+  servers: [{port: {number: 80, name: http, protocol: HTTP}, hosts: ["*"]}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: app, namespace: default}
+spec:
+  hosts: [app.local]
+  resolution: STATIC
+  ports: [{number: 80, name: http, protocol: HTTP}, {number: 9090, name: grpc, protocol: GRPC}]
+  endpoints: [{address: 10.0.0.1, labels: {v: "1"}}, {address: 10.0.0.2, labels: {v: "2"}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: app, namespace: default}
+spec:
+  host: app.local
+  trafficPolicy:
+    loadBalancer: {simple: RANDOM}
+    outlierDetection: {consecutive5xxErrors: 3}
+    portLevelSettings:
+      - port: {number: 9090}
+        loadBalancer: {simple: LEAST_REQUEST}
+  subsets:
+    - name: v2
+      labels: {v: "2"}
+      trafficPolicy: {connectionPool: {tcp: {maxConnections: 7}}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: app, namespace: default}
+spec:
+  hosts: [app.local]
+  gateways: [gw]
+  http:
+    - match: [{uri: {prefix: /grpc}}]
+      route: [{destination: {host: app.local, port: {number: 9090}}}]
+    - match: [{uri: {prefix: /v2}}]
+      route: [{destination: {host: app.local, port: {number: 80}, subset: v2}}]
+      retries: {attempts: 1}
+    - route: [{destination: {host: app.local, port: {number: 80}}}]
+"""
+
+
+def test_subset_and_port_level_policies_compile_onto_their_clusters(tmp_path: Path) -> None:
+    (tmp_path / "config.yaml").write_text(SUBSETS_AND_PORTS)
+    snapshot = compile_snapshot(
+        validate(load_resources([str(tmp_path)])), {"istio": "ingressgateway"}
+    )
+    clusters = snapshot.clusters
+    plain = clusters["outbound|80||app.local"].traffic
+    assert plain.lb.kind == "RANDOM" and plain.outlier.consecutive_5xx == 3
+    assert plain.limits is None and not plain.http2
+    # A subset sets what it names and inherits the rest.
+    v2 = clusters["outbound|80|v2|app.local"].traffic
+    assert v2.lb.kind == "RANDOM" and v2.limits.max_connections == 7 and v2.outlier is not None
+    # A port-level entry replaces its fields whole: no outlier detection is inherited.
+    grpc = clusters["outbound|9090||app.local"].traffic
+    assert grpc.lb.kind == "LEAST_REQUEST" and grpc.outlier is None and grpc.http2
+    routes = [r for vh in snapshot.listeners[80].virtual_hosts.values() for r in vh.routes]
+    assert [r.traffic is not None for r in routes] == [False, True, False]
