@@ -49,6 +49,7 @@ class TokenSource(Protocol):
     """What token extraction reads of a request (``RequestHead`` fits)."""
 
     query: str
+    headers: list[tuple[str, str]]
 
     def header(self, name: str) -> str | None: ...
 
@@ -84,22 +85,32 @@ def _param(query: str, name: str) -> str | None:
     return None
 
 
+def _header_token(headers: list[tuple[str, str]], loc: TokenLocation) -> str | None:
+    """The first header of that name carrying the prefix. Repeated headers are looked
+    at one by one, never joined: "Basic ..." beside "Bearer ..." is not one value."""
+    name = loc.name
+    prefix = loc.prefix
+    for key, value in headers:
+        if key != name:
+            continue
+        if prefix:
+            # The scheme in "Bearer <token>" is case-insensitive (RFC 9110 11.1).
+            if value[: len(prefix)].lower() != prefix.lower():
+                continue
+            value = value[len(prefix) :]
+        value = value.strip()
+        if value:
+            return value
+    return None
+
+
 def find_tokens(policy: SecurityPolicy, request: TokenSource) -> list[FoundToken]:
     """The first token in each location the rules name (Istio: first per location)."""
     found: list[FoundToken] = []
     for loc in policy.locations:
         source = loc.source
         if source == "header":
-            value = request.header(loc.name)
-            if value is None:
-                continue
-            prefix = loc.prefix
-            if prefix:
-                # The scheme in "Bearer <token>" is case-insensitive (RFC 9110 11.1).
-                if value[: len(prefix)].lower() != prefix.lower():
-                    continue
-                value = value[len(prefix) :]
-            token: str | None = value.strip()
+            token: str | None = _header_token(request.headers, loc)
         elif source == "param":
             token = _param(request.query, loc.name) if request.query else None
         else:

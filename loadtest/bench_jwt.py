@@ -17,7 +17,8 @@ ROUNDS interleaved rounds of DUR seconds per variant at 50 connections (wrk -t1 
 a discarded warm-up first). Each variant's ratio is to the ``off`` variant of its
 algorithm in the same round (the cold variants to ``off`` with the cycled tokens),
 then the median across rounds. The markdown table is printed; with DOC=1 it is also appended
-to docs/benchmarks.md. Environment: DUR (10), ROUNDS (3), PROXY_CORE (0), LOAD_CORE (1).
+to docs/benchmarks.md. Environment: DUR (10), ROUNDS (3), ONLY (comma list of variants,
+their baselines included), PROXY_CORE (0), LOAD_CORE (1).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ DOC = HERE.parent / "docs" / "benchmarks.md"
 DUR = int(os.environ.get("DUR", "10"))
 ROUNDS = int(os.environ.get("ROUNDS", "3"))
 COLD_TOKENS = 12_000
-VARIANTS = (
+ALL_VARIANTS = (
     "off-rs256",
     "rs256",
     "off-rs256-cold",
@@ -51,6 +52,11 @@ VARIANTS = (
     "es256",
     "off-es256-cold",
     "es256-cold",
+)
+# ONLY=rs256,es256 measures those (and their baselines) alone.
+_ONLY = [v for v in os.environ.get("ONLY", "").split(",") if v]
+VARIANTS = tuple(
+    v for v in ALL_VARIANTS if not _ONLY or v in _ONLY or (v.startswith("off-") and v[4:] in _ONLY)
 )
 ISSUER = "https://bench.meshgate.local"
 
