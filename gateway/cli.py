@@ -50,6 +50,11 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("--address", default="127.0.0.1", help="address to bind (127.0.0.1)")
     run.add_argument("--admin-port", type=int, default=15000, help="admin API port (15000)")
     run.add_argument(
+        "--admin-address",
+        default="127.0.0.1",
+        help="address the admin API binds (127.0.0.1); 0.0.0.0 in a pod, for probes and scrapes",
+    )
+    run.add_argument(
         "--labels",
         type=_labels_arg,
         default={"istio": "ingressgateway"},
@@ -253,6 +258,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         paths=tuple(args.paths),
         address=args.address,
         admin_port=args.admin_port,
+        admin_address=args.admin_address,
         labels=args.labels,
         gateway_class=args.gateway_class,
         workers=args.workers,

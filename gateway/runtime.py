@@ -37,6 +37,8 @@ class RunOptions:
     paths: tuple[str, ...]
     address: str = "127.0.0.1"
     admin_port: int = 15000
+    # Loopback by default; a Kubernetes pod needs the pod address for kubelet probes.
+    admin_address: str = "127.0.0.1"
     labels: Mapping[str, str] = field(default_factory=lambda: {"istio": "ingressgateway"})
     gateway_class: str = "meshgate"
     workers: int = 1
@@ -242,7 +244,13 @@ async def _serve_worker(
     admin_task = None
     if admin:
         admin_task = loop.create_task(
-            serve_admin(readiness, options.admin_port, admin_stop, services.admin_state())
+            serve_admin(
+                readiness,
+                options.admin_port,
+                admin_stop,
+                services.admin_state(),
+                address=options.admin_address,
+            )
         )
     try:
         tls_ports = {listener.port for listener in tls_listeners}
@@ -276,7 +284,7 @@ async def _serve_worker(
         os.close(ready_fd)
     else:
         where = ", ".join(str(p) for p in ports) or "none"
-        admin_text = f"; admin on 127.0.0.1:{options.admin_port}" if admin else ""
+        admin_text = f"; admin on {options.admin_address}:{options.admin_port}" if admin else ""
         _say(f"serving HTTP on {options.address} ports {where}{admin_text}")
     await stop.wait()
     readiness.draining = True
@@ -359,7 +367,11 @@ async def _parent(
     admin_stop = asyncio.Event()
     admin_task = loop.create_task(
         serve_admin(
-            readiness, options.admin_port, admin_stop, services.admin_state(options.stats_dir)
+            readiness,
+            options.admin_port,
+            admin_stop,
+            services.admin_state(options.stats_dir),
+            address=options.admin_address,
         )
     )
     alive = set(children)
@@ -378,7 +390,8 @@ async def _parent(
                 where = ", ".join(str(p) for p in ports) or "none"
                 _say(
                     f"serving HTTP on {options.address} ports {where} with "
-                    f"{len(children)} workers; admin on 127.0.0.1:{options.admin_port}"
+                    f"{len(children)} workers; "
+                    f"admin on {options.admin_address}:{options.admin_port}"
                 )
 
     def forward(signum: int) -> None:

@@ -231,14 +231,22 @@ def _plain_lifespan(app: Starlette) -> Any:
 
 
 async def serve_admin(
-    readiness: Readiness, port: int, stop: asyncio.Event, state: AdminState | None = None
+    readiness: Readiness,
+    port: int,
+    stop: asyncio.Event,
+    state: AdminState | None = None,
+    *,
+    address: str = "127.0.0.1",
 ) -> None:
-    """Serve the admin app on 127.0.0.1:``port`` until ``stop`` is set."""
+    """Serve the admin app on ``address``:``port`` (loopback unless told otherwise)
+    until ``stop`` is set."""
     from hypercorn.asyncio import serve
     from hypercorn.config import Config
 
     config = Config()
-    config.bind = [f"127.0.0.1:{port}"]
+    # hypercorn spells an IPv6 bind address in brackets.
+    host = f"[{address}]" if ":" in address else address
+    config.bind = [f"{host}:{port}"]
     config.accesslog = None
     config.errorlog = "-"
     config.loglevel = "WARNING"

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
-from gateway.cli import parse_labels
+from gateway.cli import _build_parser, parse_labels
 from gateway.config.load import load_config
 
 from .conftest import CHART, CI_VALUES, NAMESPACE, REPO, Render, find, kinds
@@ -64,6 +64,7 @@ def test_ingress_runs_meshgate_with_the_labels_its_gateways_select(render: Rende
     f = flags(c["args"])
     assert f["address"] == "0.0.0.0"
     assert f["admin-port"] == "15000"
+    assert f["admin-address"] == "0.0.0.0"  # kubelet probes come from outside the pod
     assert parse_labels(f["labels"]) == {"istio": "ingressgateway"}
     assert f["namespace"] == NAMESPACE
     # Nothing to mount and no Redis: the flags that need them stay out.
@@ -315,3 +316,19 @@ def test_pods_keep_serving_briefly_before_sigterm(render: Render) -> None:
     assert int(command[1]) < pod["terminationGracePeriodSeconds"]
     off = find(render(set=["preStopSleepSeconds=0"]), "Deployment", INGRESS)
     assert "lifecycle" not in container(off)
+
+
+@pytest.mark.parametrize("values", [None, *CI_VALUES], ids=lambda p: p.name if p else "defaults")
+def test_every_rendered_command_line_is_one_meshgate_accepts(
+    render: Render, values: Path | None
+) -> None:
+    # The chart and the CLI live in one repository; a renamed flag must fail here, not
+    # in a crash-looping pod.
+    for deployment in kinds(render(*([values] if values else [])), "Deployment"):
+        args = container(deployment)["args"]
+        try:
+            parsed = _build_parser().parse_args(args)
+        except SystemExit as exc:
+            pytest.fail(f"meshgate refuses {args}: exit {exc.code}")
+        assert parsed.address == "0.0.0.0"
+        assert parsed.namespace == NAMESPACE

@@ -26,6 +26,7 @@ import httpx
 import pytest
 
 MESHGATE = str(Path(sys.executable).with_name("meshgate"))
+ADMIN_ADDRESS = "127.0.0.2"
 
 CONFIG = """\
 apiVersion: networking.istio.io/v1
@@ -96,20 +97,32 @@ class Lines:
 
 
 @pytest.fixture
-def gateway(tmp_path: Path) -> Iterator[tuple[Path, int, Lines]]:
+def gateway(tmp_path: Path) -> Iterator[tuple[Path, int, int, Lines]]:
     port, admin = free_port(), free_port()
     volume = tmp_path / "config"
     volume.mkdir()
     kubelet_write(volume, {"config.yaml": CONFIG.format(port=port, body="one")}, 1)
     proc = subprocess.Popen(
-        [MESHGATE, "run", str(volume), "--admin-port", str(admin), "--reload-interval-s", "0.1"],
+        [
+            MESHGATE,
+            "run",
+            str(volume),
+            "--admin-port",
+            str(admin),
+            # Another loopback address than the listener's: shows --admin-address is
+            # honoured (the chart passes 0.0.0.0) without leaving the loopback network.
+            "--admin-address",
+            ADMIN_ADDRESS,
+            "--reload-interval-s",
+            "0.1",
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
     lines = Lines(proc.stderr)
     try:
         lines.wait_for("serving HTTP", 20)
-        yield volume, port, lines
+        yield volume, port, admin, lines
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -119,8 +132,10 @@ def gateway(tmp_path: Path) -> Iterator[tuple[Path, int, Lines]]:
             proc.wait(5)
 
 
-def test_atomic_configmap_update_is_hot_reloaded(gateway: tuple[Path, int, Lines]) -> None:
-    volume, port, lines = gateway
+def test_atomic_configmap_update_is_hot_reloaded(
+    gateway: tuple[Path, int, int, Lines],
+) -> None:
+    volume, port, _, lines = gateway
     url = f"http://127.0.0.1:{port}/"
     assert httpx.get(url, timeout=5).text == "one"
     # The key's symlink (config.yaml -> ..data/config.yaml) never changes: only ..data
@@ -130,3 +145,11 @@ def test_atomic_configmap_update_is_hot_reloaded(gateway: tuple[Path, int, Lines
     assert httpx.get(url, timeout=5).text == "two"
     # The hidden timestamped directories are not read as configuration of their own.
     assert not any("..20" in line and "error" in line for line in lines.seen)
+
+
+def test_admin_api_binds_the_address_it_is_given(gateway: tuple[Path, int, int, Lines]) -> None:
+    _, _, admin, _ = gateway
+    ready = httpx.get(f"http://{ADMIN_ADDRESS}:{admin}/healthz/ready", timeout=5)
+    assert ready.status_code == 200
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"http://127.0.0.1:{admin}/healthz/ready", timeout=5)
