@@ -402,6 +402,15 @@ class ClusterState:
             conn.close()
         self.h2conns.clear()
 
+    def retire(self) -> None:
+        """The cluster left the configuration: close what is idle, let streams in
+        flight finish (their HTTP/2 connections close once empty)."""
+        for pool in self.pools.values():
+            pool.close()  # idle connections only; busy ones close when they finish
+        for conn in list(self.h2conns.values()):
+            conn.retire()
+        self.h2conns.clear()
+
 
 # --------------------------------------------------------------------------- requests
 
@@ -503,6 +512,15 @@ class TrafficForwarder:
         self.clusters: dict[str, ClusterState] = {}
         self.mirrors_in_flight = 0
         self._mirror_tasks: set[asyncio.Task[None]] = set()
+        self._snapshot: Any = None
+
+    def _prune(self, snapshot: Any) -> None:
+        """After a reload, forget clusters the new snapshot no longer has (their
+        idle connections are closed; requests still on them keep their objects)."""
+        self._snapshot = snapshot
+        names = snapshot.clusters
+        for name in [n for n in self.clusters if n not in names]:
+            self.clusters.pop(name).retire()
 
     def state_for(self, cluster: Cluster) -> ClusterState:
         state = self.clusters.get(cluster.name)
@@ -517,6 +535,9 @@ class TrafficForwarder:
     async def forward(self, ctx: RequestContext, cluster: Cluster) -> None:
         route = ctx.route
         assert route is not None and ctx.forward is not None
+        snapshot = ctx.snapshot
+        if snapshot is not self._snapshot and snapshot is not None:
+            self._prune(snapshot)
         if getattr(ctx.stream, "tunnel", None) is not None:
             await self._forward_upgrade(ctx, cluster)
             return

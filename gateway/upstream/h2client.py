@@ -261,6 +261,8 @@ class H2UpstreamConnection(asyncio.Protocol):
             if stream is not None:
                 stream.done = True
                 stream.wake()
+            if self.going_away and not self.streams:
+                self.close()
         elif isinstance(event, h2.events.StreamReset):
             stream = self.streams.pop(event.stream_id, None)
             if stream is not None:
@@ -309,6 +311,12 @@ class H2UpstreamConnection(asyncio.Protocol):
                 self.h2.reset_stream(stream.stream_id, ErrorCodes.CANCEL)
             self.flush()
         if self.going_away and not self.streams:
+            self.close()
+
+    def retire(self) -> None:
+        """No new streams; close once the ones in flight are done."""
+        self.going_away = True
+        if not self.streams:
             self.close()
 
     def flush(self) -> None:
