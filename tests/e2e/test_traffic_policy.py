@@ -65,6 +65,26 @@ spec:
 ---
 apiVersion: networking.istio.io/v1
 kind: ServiceEntry
+metadata: {{name: flip, namespace: shop}}
+spec:
+  hosts: [flip.local]
+  resolution: STATIC
+  ports: [{{number: 80, name: http, protocol: HTTP}}]
+  endpoints:
+    - {{address: 127.0.0.1, ports: {{http: {flaky}}}}}
+    - {{address: 127.0.0.1, ports: {{http: {demo_b}}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: flip, namespace: shop}}
+spec:
+  host: flip.local
+  trafficPolicy:
+    loadBalancer: {{simple: ROUND_ROBIN}}
+    outlierDetection: {{consecutive5xxErrors: 2, baseEjectionTime: 2s, maxEjectionPercent: 100}}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
 metadata: {{name: secure, namespace: shop}}
 spec:
   hosts: [simple.tls, mutual.tls, wrongsan.tls, creds.tls]
@@ -189,6 +209,8 @@ spec:
       route: [{{destination: {{host: pair.local, subset: limited}}}}]
     - match: [{{uri: {{prefix: /outlier}}}}]
       route: [{{destination: {{host: halfdead.local}}}}]
+    - match: [{{uri: {{prefix: /flip}}}}]
+      route: [{{destination: {{host: flip.local}}}}]
 ---
 apiVersion: networking.istio.io/v1
 kind: VirtualService
@@ -397,6 +419,25 @@ def test_outlier_detection_ejects_the_failing_endpoint(gw: Setup) -> None:
     statuses = [gw.get("/outlier")[0].status_code for _ in range(10)]
     assert statuses.count(503) <= 1
     assert statuses[2:] == [200] * 8
+
+
+def test_ejected_endpoint_returns_after_its_ejection_time(gw: Setup) -> None:
+    # flip.local: the scripted backend answers 500 to its first two requests, the
+    # demo backend always 200. Round robin sends every other request to the first;
+    # its second 500 ejects it for 2 s.
+    path = "/flip?fail=2&key=flip&fail_status=500"
+    served = [gw.get(path)[0].headers["x-served-by"] for _ in range(4)]
+    assert served.count("flaky") == 2
+    during = [gw.get(path)[0] for _ in range(4)]
+    assert [r.headers["x-served-by"] for r in during] == ["b"] * 4
+    # Back after the ejection time: poll (bounded) until it serves again, healthy.
+    deadline = time.monotonic() + 10
+    back = None
+    while back is None and time.monotonic() < deadline:
+        response = gw.get(path)[0]
+        if response.headers["x-served-by"] == "flaky":
+            back = response
+    assert back is not None and back.status_code == 200
 
 
 # --------------------------------------------------------------------------- TLS

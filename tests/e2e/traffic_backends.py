@@ -61,9 +61,10 @@ class Recorder:
 
 def _handler(recorder: Recorder) -> type[http.server.BaseHTTPRequestHandler]:
     class Handler(http.server.BaseHTTPRequestHandler):
-        """Query controls: ``fail=N&key=K&status=S`` answers S to the first N requests
-        of key K, then 200; ``status=S`` alone always answers S; ``ms=N`` waits first
-        (in the handler thread, standing in for a slow backend)."""
+        """Query controls: ``fail=N&key=K&status=S`` (or ``fail_status=S``) answers S
+        to the first N requests of key K, then 200; ``status=S`` alone always answers
+        S; ``ms=N`` waits first (in the handler thread, standing in for a slow
+        backend)."""
 
         protocol_version = "HTTP/1.1"
 
@@ -89,7 +90,8 @@ def _handler(recorder: Recorder) -> type[http.server.BaseHTTPRequestHandler]:
                     recorder.counts[key] += 1
                     seen = recorder.counts[key]
                 if seen <= int(query["fail"]):
-                    status = int(query.get("status", "503"))
+                    # fail_status: a name the demo backend does not act on.
+                    status = int(query.get("fail_status") or query.get("status", "503"))
             elif "status" in query:
                 status = int(query["status"])
             payload = f"{recorder.name} {status} {len(body)}".encode()
