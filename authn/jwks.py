@@ -98,11 +98,21 @@ class JwksEntry:
         self.kid_refetches = 0
         self.last_kid_refetch = -1e18  # monotonic
         self.first_attempt_done = asyncio.Event()
+        self._first_attempt: asyncio.Future[bool] | None = None
         self.refresh_now = asyncio.Event()
         # Set after every attempt (success or failure), for whoever waits on one.
         self.attempted = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
         self.inflight: asyncio.Future[bool] | None = None
+
+    def first_attempt(self) -> asyncio.Future[bool]:
+        """A future done when the first fetch attempt has ended (shared, never raises):
+        a request arriving before keys were ever fetched waits for it, bounded."""
+        if self._first_attempt is None:
+            self._first_attempt = asyncio.get_running_loop().create_future()
+            if self.first_attempt_done.is_set():
+                self._first_attempt.set_result(self.keys is not None)
+        return self._first_attempt
 
     def health(self) -> dict[str, Any]:
         return {
@@ -254,6 +264,10 @@ class JwksRegistry:
         finally:
             entry.first_attempt_done.set()
             entry.attempted.set()
+            first = entry._first_attempt
+            if first is not None and not first.done():
+                # Resolved after the keys are stored (below) by the time a waiter runs.
+                first.set_result(True)
         if body != entry.body:
             entry.body = body
             entry.keys = keys

@@ -198,6 +198,13 @@ class Authenticator:
         first_error: TokenRejected | None = None
         for rule in rules:
             keys, generation = self._keys(rule)
+            if keys is None and allow_refetch and rule.jwks_uri:
+                entry = self.registry.entry(rule.jwks_uri)
+                if entry is not None and not entry.first_attempt_done.is_set():
+                    # Keys for this URI are being fetched for the first time (start-up,
+                    # or a reload that just named it): wait for that, not a 401.
+                    rejected = TokenRejected("signing keys are not available")
+                    raise NeedsKeys(entry.first_attempt(), rejected)
             try:
                 verified = verify_token(
                     token, keys, issuer_ok=rule.issuer_ok, audiences=rule.audiences,

@@ -154,7 +154,9 @@ class JwtAuthnStage:
         """The slow path: an unknown kid; wait for the one refetch, then retry once."""
         try:
             async with asyncio.timeout(self.runtime.settings.jwks.startup_wait_s):
-                await need.wait
+                # Shielded: the fetch is shared; one request giving up must not
+                # cancel it for the others.
+                await asyncio.shield(need.wait)
         except TimeoutError:
             self._reject(ctx, need.rejected)
         for item in rest:

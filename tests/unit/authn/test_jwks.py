@@ -158,6 +158,27 @@ def test_storm_of_unknown_kids_causes_at_most_one_refetch_per_cooldown(
     assert jwks_server.count() == 2  # the first fetch and one refetch for 300 garbage kids
 
 
+def test_request_during_the_first_fetch_waits_for_it_instead_of_failing(
+    jwks_server: JwksServer,
+) -> None:
+    key = rsa_key("k1")
+    jwks_server.set(jwks_json(key))
+
+    async def scenario() -> None:
+        registry = JwksRegistry(FAST)
+        auth = Authenticator(AuthnSettings(jwks=FAST), registry)
+        auth.use_policy(SecurityPolicy((rule_for(jwks_server.url),), (BEARER,)))
+        registry.sync([(jwks_server.url, 2.0)])  # as a reload does: fetch just started
+        tok = mint(key, claims())
+        with pytest.raises(NeedsKeys) as need:
+            auth.verify(FoundToken(BEARER, tok))
+        await need.value.wait
+        assert auth.verify(FoundToken(BEARER, tok), allow_refetch=False)[0].subject == "alice"
+        await registry.close()
+
+    asyncio.run(scenario())
+
+
 def test_https_endpoint_with_a_private_ca(tmp_path: Path) -> None:
     context, ca_file = make_tls(tmp_path)
     server = JwksServer(document=jwks_json(rsa_key("tls")))
