@@ -84,7 +84,7 @@ class Upstream:
 
 
 class Env:
-    def __init__(self, tmp: Path, *, jwks_down: bool = False) -> None:
+    def __init__(self, tmp: Path, *, jwks_down: bool = False, security: bool = True) -> None:
         self.example_key = jwk.JWK.from_pem((EXAMPLE / "dev-only" / "dev-key.pem").read_bytes())
         self.example_key["kid"] = "dev-1"  # jwcrypto keeps kid in the dict
         self.rotated = rsa_key("rotated")
@@ -98,6 +98,7 @@ class Env:
         self.admin_port = admin_port
         config = tmp / "config"
         config.mkdir()
+        self.config = config
         for name in ("gateway.yaml", "security.yaml"):
             text = (EXAMPLE / name).read_text()
             text = (
@@ -106,6 +107,9 @@ class Env:
                 .replace("http: 9182", f"http: {self.beta.port}")
                 .replace("127.0.0.1:9199", f"127.0.0.1:{self.jwks.port}")
             )
+            if name == "security.yaml" and not security:
+                self.pending_security = text  # written later by a reload test
+                continue
             (config / name).write_text(text)
         self.gateway = Gateway(config, admin_port, "--jwks-kid-cooldown-s", "2")
         self.client = httpx.Client(base_url=f"http://127.0.0.1:{gw_port}", timeout=10)
@@ -338,6 +342,22 @@ def test_jwks_down_at_start_gives_401_then_recovers(tmp_path: Path) -> None:
         assert down.get("/api/items", down.token(sub="bob")).status_code == 200
     finally:
         down.close()
+
+
+def test_policies_added_by_a_reload_apply_at_once(tmp_path: Path) -> None:
+    import signal
+
+    env = Env(tmp_path, security=False)
+    try:
+        assert env.get("/api/items").status_code == 200  # nothing bound yet
+        (env.config / "security.yaml").write_text(env.pending_security)
+        env.gateway.proc.send_signal(signal.SIGHUP)
+        env.gateway.wait_stderr(lambda line: "applied version" in line)
+        assert env.get("/api/items").status_code == 403
+        assert env.get("/api/items", env.token()).status_code == 200
+        assert env.get("/api/items", env.token(aud="other")).status_code == 401
+    finally:
+        env.close()
 
 
 def test_example_readme_token_command_mints_a_usable_token(env: Env) -> None:
