@@ -439,11 +439,13 @@ async def _buffer_body(ctx: RequestContext, limit: int) -> _Body:
             body.chunks.append(data)
             body.size += len(data)
             ctx.bytes_received += len(data)
+        if body.size > limit:
+            # Too big to keep for a replay (even if it all came at once).
+            body.replayable = False
+            body.complete = stream.body_complete()
+            return body
         if not data or stream.body_complete():
             body.complete = True
-            return body
-        if body.size > limit:
-            body.replayable = False
             return body
 
 

@@ -85,6 +85,22 @@ spec:
 ---
 apiVersion: networking.istio.io/v1
 kind: ServiceEntry
+metadata: {{name: once, namespace: shop}}
+spec:
+  hosts: [once.local]
+  resolution: STATIC
+  ports: [{{number: 80, name: http, protocol: HTTP}}]
+  endpoints: [{{address: 127.0.0.1, ports: {{http: {flaky}}}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: once, namespace: shop}}
+spec:
+  host: once.local
+  trafficPolicy: {{connectionPool: {{http: {{maxRequestsPerConnection: 1}}}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
 metadata: {{name: secure, namespace: shop}}
 spec:
   hosts: [simple.tls, mutual.tls, wrongsan.tls, creds.tls]
@@ -211,6 +227,8 @@ spec:
       route: [{{destination: {{host: halfdead.local}}}}]
     - match: [{{uri: {{prefix: /flip}}}}]
       route: [{{destination: {{host: flip.local}}}}]
+    - match: [{{uri: {{prefix: /once}}}}]
+      route: [{{destination: {{host: once.local}}}}]
 ---
 apiVersion: networking.istio.io/v1
 kind: VirtualService
@@ -315,6 +333,14 @@ def test_retry_on_5xx_succeeds_after_two_failures_and_replays_the_body(gw: Setup
     assert "URX" not in log["response_flags"]
 
 
+def test_body_over_the_retry_buffer_is_streamed_once_and_not_retried(gw: Setup) -> None:
+    body = b"x" * (100 * 1024)  # over the 64 KiB kept for replays
+    response, _ = gw.get("/retry/big?fail=1&key=retry-big&status=503", method="POST", content=body)
+    assert response.status_code == 503
+    seen = [r for r in gw.flaky.recorder.requests if r["path"] == "/retry/big"]
+    assert [len(r["body"]) for r in seen] == [len(body)]
+
+
 def test_retries_exhausted_return_the_last_answer_with_flag_urx(gw: Setup) -> None:
     response, log = gw.get("/retry/b?fail=10&key=retry-b&status=502")
     assert response.status_code == 502
@@ -410,6 +436,13 @@ def test_connection_pool_overflow_is_answered_503_uo(gw: Setup) -> None:
         results = list(pool.map(one, range(4)))
     assert results.count((503, "UO")) >= 1
     assert (200, "-") in results
+
+
+def test_max_requests_per_connection_retires_connections(gw: Setup) -> None:
+    for _ in range(3):
+        assert gw.get("/once")[0].status_code == 200
+    ports = [r["peer_port"] for r in gw.flaky.recorder.requests if r["path"] == "/once"]
+    assert len(ports) == 3 and len(set(ports)) == 3
 
 
 def test_outlier_detection_ejects_the_failing_endpoint(gw: Setup) -> None:

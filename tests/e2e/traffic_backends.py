@@ -79,6 +79,7 @@ def _handler(recorder: Recorder) -> type[http.server.BaseHTTPRequestHandler]:
                 "host": self.headers.get("host"),
                 "body": body,
                 "headers": dict(self.headers.items()),
+                "peer_port": self.client_address[1],  # tells connections apart
             }
             recorder.add(record)
             if "ms" in query:
