@@ -23,11 +23,9 @@ from .server.events import DownstreamStream, ResponseHead, StreamReset
 from .stages import (
     ActionStage,
     CorsStage,
-    ForwardedHeadersStage,
-    HopByHopStage,
+    EdgeHeadersStage,
     LocalReply,
     RequestContext,
-    RequestIdStage,
     RouteStage,
     UpstreamStage,
     finish_response_headers,
@@ -80,14 +78,12 @@ class Pipeline:
 
             limit_stages = (RateLimitStage(limiter),)
         self.stages = (
-            # The id first, so that every later log line and refusal can carry it.
-            RequestIdStage(),
-            # Forwarded headers before anything edits the request: they describe
-            # the connection as the client made it.
-            ForwardedHeadersStage(),
-            # Hop-by-hop headers out before matching, so a route can never match on
-            # (or forward) what only described the downstream connection.
-            HopByHopStage(),
+            # Hop-by-hop headers out, then the request id and the forwarded headers,
+            # in one pass (EdgeHeadersStage): first, so that every later log line and
+            # refusal carries the id, the forwarded headers describe the connection
+            # as the client made it, and no route can match on (or forward) what only
+            # described the downstream connection.
+            EdgeHeadersStage(),
             # Trace headers once the request is clean and before routing, so that
             # refused and locally answered requests are part of the trace too.
             *((tracing,) if tracing is not None else ()),
