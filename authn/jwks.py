@@ -218,7 +218,9 @@ class JwksRegistry:
 
             verify: Any = True
             if self.settings.ca_file:
-                verify = ssl.create_default_context(cafile=self.settings.ca_file)
+                # The system's CAs and the given bundle (a private PKI) both count.
+                verify = ssl.create_default_context()
+                verify.load_verify_locations(cafile=self.settings.ca_file)
             # Redirects are not followed: a JWKS URI is configuration, and following
             # one would let whoever controls it point meshgate at another host.
             self._client = httpx.AsyncClient(verify=verify, follow_redirects=False)
