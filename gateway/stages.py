@@ -30,9 +30,11 @@ from .routing.table import (
     DirectResponse,
     Forward,
     HeaderOps,
+    Listener,
     Redirect,
     Route,
     Snapshot,
+    VirtualHost,
     WeightedCluster,
 )
 from .server.altsvc import ADVERTISED, add_alt_svc
@@ -353,8 +355,22 @@ class EdgeHeadersStage:
 # 4 ---------------------------------------------------------------------------------
 
 
+_MISS: Any = object()
+
+
 class RouteStage:
-    """Listener by port, virtual host by authority, then the first matching route."""
+    """Listener by port, virtual host by authority, then the first matching route.
+
+    The virtual host an authority resolves to is remembered per listener (the same
+    few authorities arrive over and over), so the usual request costs one dict probe
+    instead of parsing the authority and probing exact and wildcard hosts. The memo
+    belongs to the listener object, so a reload (new listeners) starts afresh, and it
+    stops growing at 1024 authorities per listener."""
+
+    def __init__(self) -> None:
+        # id(listener) -> (listener, {authority: vhost or None}); the listener is
+        # kept so that an id reused after a reload can never serve a stale entry.
+        self._hosts: dict[int, tuple[Listener, dict[str, VirtualHost | None]]] = {}
 
     def on_request(self, ctx: RequestContext) -> None:
         snapshot = ctx.snapshot
@@ -364,7 +380,18 @@ class RouteStage:
         listener = snapshot.listeners.get(head.port)
         if listener is None:
             raise RouteNotFound(f"no listener on port {head.port}")
-        vhost = find_virtual_host(listener, head.authority)
+        entry = self._hosts.get(id(listener))
+        if entry is None or entry[0] is not listener:
+            if len(self._hosts) >= 64:
+                self._hosts.clear()  # listeners of old snapshots
+            entry = self._hosts[id(listener)] = (listener, {})
+        hosts = entry[1]
+        authority = head.authority
+        vhost = hosts.get(authority, _MISS)
+        if vhost is _MISS:
+            vhost = find_virtual_host(listener, authority)
+            if len(hosts) < 1024:
+                hosts[authority] = vhost
         if vhost is None:
             raise RouteNotFound(f"no virtual host for {head.authority!r}")
         auth = ctx.auth
