@@ -53,30 +53,52 @@ DURATION_BUCKETS_MS: tuple[float, ...] = (
 # Powers of ten from 1 byte to 1 GB, as Istio's size distributions.
 BYTES_BUCKETS: tuple[float, ...] = tuple(float(10**i) for i in range(10))
 
+# What ``record`` bisects: the same bounds, typed as the values they are compared
+# with (durations are floats, sizes ints), because a mixed int/float comparison takes
+# CPython's slow path, several times per bisect.
+_DUR_BOUNDS: tuple[float, ...] = tuple(float(bound) for bound in DURATION_BUCKETS_MS)
+_BYTES_BOUNDS: tuple[int, ...] = tuple(10**i for i in range(10))
+
 _COUNT, _DUR, _DUR_SUM, _REQ, _REQ_SUM, _RESP, _RESP_SUM = range(7)
 
 Key = tuple[str, int, str]
 
+# In process, one series is a single flat list, so that recording is one subscript
+# per update rather than two (series -> bucket list -> bucket):
+#   [count, duration sum, request-bytes sum, response-bytes sum,
+#    duration buckets..., request-bytes buckets..., response-bytes buckets...]
+_F_DUR_SUM, _F_REQ_SUM, _F_RESP_SUM = 1, 2, 3
+_F_DUR = 4
+_F_REQ = _F_DUR + len(DURATION_BUCKETS_MS) + 1
+_F_RESP = _F_REQ + len(BYTES_BUCKETS) + 1
+_F_END = _F_RESP + len(BYTES_BUCKETS) + 1
 
-def _new_series() -> list[Any]:
+
+def _nested(flat: list[Any]) -> list[Any]:
+    """The flat in-process layout as the exported one (module docstring)."""
     return [
-        0,
-        [0] * (len(DURATION_BUCKETS_MS) + 1),
-        0.0,
-        [0] * (len(BYTES_BUCKETS) + 1),
-        0,
-        [0] * (len(BYTES_BUCKETS) + 1),
-        0,
+        flat[0],
+        flat[_F_DUR:_F_REQ],
+        flat[_F_DUR_SUM],
+        flat[_F_REQ:_F_RESP],
+        flat[_F_REQ_SUM],
+        flat[_F_RESP:_F_END],
+        flat[_F_RESP_SUM],
     ]
 
 
 class RequestMetrics:
     """One process's request aggregates. Not thread-safe: one event loop owns it."""
 
-    __slots__ = ("series",)
+    __slots__ = ("_flat",)
 
     def __init__(self) -> None:
-        self.series: dict[Key, list[Any]] = {}
+        self._flat: dict[Key, list[Any]] = {}
+
+    @property
+    def series(self) -> dict[Key, list[Any]]:
+        """``key -> series`` in the exported layout (a copy, built when asked)."""
+        return {key: _nested(flat) for key, flat in self._flat.items()}
 
     def record(
         self,
@@ -87,25 +109,27 @@ class RequestMetrics:
         request_bytes: int,
         response_bytes: int,
     ) -> None:
-        """Count one finished request (the pipeline calls this once per request)."""
-        key = (cluster, status, flags)
-        series = self.series.get(key)
-        if series is None:
-            series = self.series[key] = _new_series()
-        series[0] += 1
-        series[1][bisect_left(DURATION_BUCKETS_MS, duration_ms)] += 1
-        series[2] += duration_ms
-        series[3][bisect_left(BYTES_BUCKETS, request_bytes)] += 1
-        series[4] += request_bytes
-        series[5][bisect_left(BYTES_BUCKETS, response_bytes)] += 1
-        series[6] += response_bytes
+        """Count one finished request (the pipeline calls this once per request).
+
+        The usual request: one dict probe, two or three C ``bisect`` calls and a few
+        in-place additions on one list."""
+        flat = self._flat.get((cluster, status, flags))
+        if flat is None:
+            flat = self._flat[(cluster, status, flags)] = [0, 0.0, 0, 0] + [0] * (_F_END - 4)
+        flat[0] += 1
+        flat[_F_DUR + bisect_left(_DUR_BOUNDS, duration_ms)] += 1
+        flat[1] += duration_ms
+        if request_bytes:
+            flat[_F_REQ + bisect_left(_BYTES_BOUNDS, request_bytes)] += 1
+            flat[2] += request_bytes
+        else:  # most requests have no body: the first bucket, nothing to add
+            flat[_F_REQ] += 1
+        flat[_F_RESP + bisect_left(_BYTES_BOUNDS, response_bytes)] += 1
+        flat[3] += response_bytes
 
     def export(self) -> list[list[Any]]:
         """JSON-able ``[[cluster, status, flags], series]`` pairs (a copy)."""
-        return [
-            [list(key), [s[0], list(s[1]), s[2], list(s[3]), s[4], list(s[5]), s[6]]]
-            for key, s in self.series.items()
-        ]
+        return [[list(key), _nested(flat)] for key, flat in self._flat.items()]
 
 
 def merge_exports(exports: Iterable[list[list[Any]]]) -> dict[Key, list[Any]]:

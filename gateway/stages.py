@@ -92,6 +92,7 @@ class RequestContext:
         "status",
         "stream",
         "trace",  # gateway.tracing.Span; set by TraceStage only when it runs
+        "trace_headers",  # False once EdgeHeadersStage saw no trace header (fast path)
         "upstream_cluster",
         "upstream_host",
         "upstream_ms",
@@ -130,6 +131,8 @@ class RequestContext:
         self.upstream_ms: float | None = None
         self.auth: Any = None
         self.authz = ""
+        # True means "not looked at": TraceStage then scans the headers itself.
+        self.trace_headers = True
 
     def add_flag(self, flag: str) -> None:
         if flag and flag not in self.flags.split(","):
@@ -317,6 +320,9 @@ class EdgeHeadersStage:
                 break
         request_id = ""
         prior: list[str] | None = None
+        # Whether any trace header (traceparent, b3, x-b3-*) is present, noted on the
+        # way so that TraceStage can skip its own scan in the usual case of none.
+        traced = False
         headers = []
         for item in client:
             name = item[0]
@@ -332,9 +338,14 @@ class EdgeHeadersStage:
                         continue
                     if name == "x-forwarded-proto" or name == "x-forwarded-host":
                         continue
+                elif name[:5] == "x-b3-":
+                    traced = True
             elif name == "user-agent":
                 ctx.user_agent = item[1]
+            elif name == "traceparent" or name == "b3":
+                traced = True
             headers.append(item)
+        ctx.trace_headers = traced
         if not request_id:
             request_id = f"{random.getrandbits(128):032x}"
             headers.append(("x-request-id", request_id))

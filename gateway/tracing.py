@@ -29,6 +29,7 @@ import logging
 import random
 import time
 from collections import deque
+from operator import itemgetter
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -42,19 +43,28 @@ _TRACE_HEADERS = frozenset(
 )
 
 
-class Span:
-    """The gateway's span of one request."""
+class Span(tuple):  # type: ignore[type-arg]
+    """The gateway's span of one request: trace id, span id, parent id, sampled, start.
 
-    __slots__ = ("parent_id", "sampled", "span_id", "start_wall", "trace_id")
+    A tuple underneath, because one is made for every request and a tuple is built in
+    C (``_new_span``) where a class with an ``__init__`` costs a Python call."""
 
-    def __init__(
-        self, trace_id: str, span_id: str, parent_id: str, sampled: bool, start_wall: float
-    ) -> None:
-        self.trace_id = trace_id
-        self.span_id = span_id
-        self.parent_id = parent_id
-        self.sampled = sampled
-        self.start_wall = start_wall
+    __slots__ = ()
+
+    def __new__(
+        cls, trace_id: str, span_id: str, parent_id: str, sampled: bool, start_wall: float
+    ) -> Span:
+        return tuple.__new__(cls, (trace_id, span_id, parent_id, sampled, start_wall))
+
+    trace_id: str = property(itemgetter(0))  # type: ignore[assignment]
+    span_id: str = property(itemgetter(1))  # type: ignore[assignment]
+    parent_id: str = property(itemgetter(2))  # type: ignore[assignment]
+    sampled: bool = property(itemgetter(3))  # type: ignore[assignment]
+    start_wall: float = property(itemgetter(4))  # type: ignore[assignment]
+
+
+_new_span = tuple.__new__
+_LOW64 = (1 << 64) - 1
 
 
 def _is_hex(text: str, length: int) -> bool:
@@ -105,9 +115,49 @@ class TraceStage:
     def __init__(self, sampling: float = 0.01, rnd: random.Random | None = None) -> None:
         self.sampling = sampling
         self.rnd = rnd or random.Random()
+        self._getrandbits = self.rnd.getrandbits
+        # A trace the gateway starts is sampled when the low 64 bits of its (random)
+        # trace id fall under this threshold: one integer comparison, no second
+        # random draw, and the decision follows from the trace id as in
+        # OpenTelemetry's ratio sampler. 1.0 gives 2**64, above every 64-bit value.
+        self._threshold = int(max(0.0, min(1.0, sampling)) * (1 << 64))
 
     def on_request(self, ctx: Any) -> None:
         head = ctx.head
+        if not ctx.trace_headers:
+            # The common case: EdgeHeadersStage saw no trace header, so there is
+            # nothing to continue or remove. One 192-bit draw gives the trace id
+            # (high 128 bits) and the gateway's span id (low 64), one conversion
+            # gives both as hex (bytes.hex is about twice as fast as format()).
+            bits = self._getrandbits(192)
+            if not (bits >> 64 and bits & _LOW64):  # an all-zero id is invalid
+                bits |= 1 << 64 | 1
+            text = bits.to_bytes(24).hex()
+            trace_id = text[:32]
+            span_id = text[32:]
+            if (bits >> 64) & _LOW64 < self._threshold:
+                head.headers += (
+                    ("traceparent", f"00-{trace_id}-{span_id}-01"),
+                    ("x-b3-traceid", trace_id),
+                    ("x-b3-spanid", span_id),
+                    ("x-b3-sampled", "1"),
+                )
+                sampled = True
+            else:
+                head.headers += (
+                    ("traceparent", f"00-{trace_id}-{span_id}-00"),
+                    ("x-b3-traceid", trace_id),
+                    ("x-b3-spanid", span_id),
+                    ("x-b3-sampled", "0"),
+                )
+                sampled = False
+            head._index = None  # what head.invalidate() does, without the call
+            ctx.trace = _new_span(Span, (trace_id, span_id, "", sampled, ctx.start_wall))
+            return
+        self._continue(ctx, head)
+
+    def _continue(self, ctx: Any, head: Any) -> None:
+        """The request may carry trace headers: parse, continue and replace them."""
         traceparent = b3_trace = b3_span = b3_sampled = ""
         found = False
         for name, value in head.headers:
@@ -153,7 +203,7 @@ class TraceStage:
         headers.append(("x-b3-sampled", flag))
         head.headers = headers
         head.invalidate()
-        ctx.trace = Span(w3c_trace, span_id, parent_id, sampled, ctx.start_wall)
+        ctx.trace = _new_span(Span, (w3c_trace, span_id, parent_id, sampled, ctx.start_wall))
 
 
 # --------------------------------------------------------------------------- export

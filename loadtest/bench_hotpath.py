@@ -13,6 +13,7 @@ Usage:
     .venv/bin/python loadtest/bench_hotpath.py                 # 5 rounds of 20,000
     N=50000 ROUNDS=3 CONNS=50 .venv/bin/python loadtest/bench_hotpath.py
     PROFILE=1 .venv/bin/python loadtest/bench_hotpath.py       # cProfile, top 30
+    TELEMETRY=1 .venv/bin/python loadtest/bench_hotpath.py     # + tracing and metrics
 
 For an exact A/B comparison on a noisy machine, count instructions instead of time:
 run it under ``valgrind --tool=callgrind`` with ``ROUNDS=1 WARMUP=500`` at two
@@ -41,12 +42,14 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from gateway.config.load import load_config  # noqa: E402
+from gateway.metrics import RequestMetrics  # noqa: E402
 from gateway.pipeline import Pipeline  # noqa: E402
 from gateway.routing.compile import compile_snapshot  # noqa: E402
 from gateway.runtime import SnapshotRef  # noqa: E402
 from gateway.server.http1 import HTTP1Connection  # noqa: E402
 from gateway.server.settings import ServerSettings  # noqa: E402
 from gateway.telemetry import AccessLog  # noqa: E402
+from gateway.tracing import TraceStage  # noqa: E402
 from gateway.upstream.pool import UpstreamConnection, UpstreamPools  # noqa: E402
 
 N = int(os.environ.get("N", "20000"))
@@ -54,6 +57,10 @@ ROUNDS = int(os.environ.get("ROUNDS", "5"))
 CONNS = int(os.environ.get("CONNS", "50"))
 WARMUP = int(os.environ.get("WARMUP", "2000"))
 PROFILE = os.environ.get("PROFILE", "") == "1"
+# TELEMETRY=1: the pipeline as ``meshgate run`` builds it, with TraceStage (1 %
+# sampling, no exporter) and RequestMetrics.
+# TELEMETRY=trace or TELEMETRY=metrics: only the one.
+TELEMETRY = os.environ.get("TELEMETRY", "")
 PORT = 8080
 BACKEND_PORT = 9
 
@@ -231,7 +238,12 @@ async def main() -> None:
         snapshot = compile_snapshot(load_config([str(path)]), {"istio": "ingressgateway"})
     fd = os.open(os.devnull, os.O_WRONLY)
     pools = UpstreamPools()
-    pipeline = Pipeline(SnapshotRef(snapshot), pools, AccessLog("json", fd))
+    telemetry: dict[str, Any] = {}
+    if TELEMETRY in ("1", "metrics"):
+        telemetry["metrics"] = RequestMetrics()
+    if TELEMETRY in ("1", "trace"):
+        telemetry["tracing"] = TraceStage(0.01)
+    pipeline = Pipeline(SnapshotRef(snapshot), pools, AccessLog("json", fd), **telemetry)
     await measure(pipeline, pools, snapshot, WARMUP)
     if PROFILE:
         import cProfile

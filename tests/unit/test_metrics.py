@@ -148,3 +148,24 @@ def test_recording_a_request_costs_a_few_microseconds() -> None:
     print(f"RequestMetrics.record: {best * 1e6:.2f} us per request")
     assert best < 5e-6, f"{best * 1e6:.2f} us per record"
     assert metrics.series[(CLUSTER, 200, "")][0] == 5 * n // 3
+
+
+def test_bodiless_requests_and_values_on_a_bound_land_in_the_right_bucket() -> None:
+    # Bodiless requests take a shortcut in record(); values equal to a bound belong
+    # to that bound's bucket (le is inclusive) whether given as int or float.
+    metrics = RequestMetrics()
+    metrics.record(CLUSTER, 200, "", 1.0, 0, 10)
+    metrics.record(CLUSTER, 200, "", 5, 100, 1)
+    samples = _samples(render_text(metrics.series, WORKLOAD))
+    request = {s["le"]: v for s, v in samples["istio_request_bytes_bucket"]}
+    assert request["1.0"] == 1.0 and request["10.0"] == 1.0 and request["100.0"] == 2.0
+    assert samples["istio_request_bytes_sum"][0][1] == 100.0
+    duration = {s["le"]: v for s, v in samples["istio_request_duration_milliseconds_bucket"]}
+    assert duration["0.5"] == 0.0 and duration["1.0"] == 1.0 and duration["5.0"] == 2.0
+    response = {s["le"]: v for s, v in samples["istio_response_bytes_bucket"]}
+    assert response["1.0"] == 1.0 and response["10.0"] == 2.0
+    exported = metrics.export()
+    assert exported[0][0] == [CLUSTER, 200, ""]
+    count, dur, dur_sum, req, req_sum, resp, resp_sum = exported[0][1]
+    assert (count, dur_sum, req_sum, resp_sum) == (2, 6.0, 100, 11)
+    assert sum(dur) == sum(req) == sum(resp) == 2

@@ -10,7 +10,7 @@ import time
 from typing import Any
 
 from gateway.server.events import RequestHead
-from gateway.stages import RequestContext
+from gateway.stages import EdgeHeadersStage, RequestContext
 from gateway.tracing import OtlpExporter, TraceStage, parse_traceparent
 
 CLIENT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -227,3 +227,65 @@ def test_the_queue_is_bounded_and_overflow_is_counted() -> None:
         exporter.finish(_sampled_ctx(), 200, "-")
     assert len(exporter.queue) == 5
     assert exporter.dropped == 3
+
+
+# ----------------------------------------------------- fast path after EdgeHeadersStage
+
+
+def _edge_ctx(*headers: tuple[str, str]) -> RequestContext:
+    ctx = _ctx(*headers)
+    ctx.head.peer = "10.0.0.1"
+    EdgeHeadersStage().on_request(ctx)
+    return ctx
+
+
+def test_edge_stage_notes_whether_any_trace_header_is_present() -> None:
+    assert _edge_ctx(("user-agent", "x"), ("x-request-id", "r")).trace_headers is False
+    for name in ("traceparent", "b3", "x-b3-traceid", "x-b3-sampled"):
+        assert _edge_ctx(("accept", "*/*"), (name, "1")).trace_headers is True, name
+    # A trace header the client lists in Connection is stripped first: nothing left.
+    hop = _edge_ctx(("connection", "traceparent"), ("traceparent", "00-1-2-01"))
+    assert hop.trace_headers is False
+
+
+def test_request_without_trace_headers_gets_a_fresh_valid_context() -> None:
+    for sampling, flag in ((0.0, "0"), (1.0, "1")):
+        ctx = _edge_ctx(("user-agent", "x"))
+        TraceStage(sampling=sampling).on_request(ctx)
+        headers = _headers(ctx)
+        parsed = parse_traceparent(headers["traceparent"])
+        assert parsed is not None
+        trace_id, span_id, sampled = parsed
+        assert sampled is (flag == "1") and ctx.trace.sampled is sampled
+        assert headers["x-b3-traceid"] == trace_id == ctx.trace.trace_id
+        assert headers["x-b3-spanid"] == span_id == ctx.trace.span_id
+        assert headers["x-b3-sampled"] == flag
+        assert "x-b3-parentspanid" not in headers and ctx.trace.parent_id == ""
+        assert len(_all(ctx, "traceparent")) == 1
+        # What the edge stage set is kept, and header() sees the new headers.
+        assert headers["x-request-id"] and headers["user-agent"] == "x"
+        assert ctx.head.header("x-b3-spanid") == span_id
+
+
+def test_fresh_traces_are_sampled_at_the_configured_rate_with_distinct_ids() -> None:
+    stage = TraceStage(sampling=0.25, rnd=random.Random(11))
+    decisions = []
+    ids = set()
+    for _ in range(4000):
+        ctx = _edge_ctx()
+        stage.on_request(ctx)
+        decisions.append(ctx.trace.sampled)
+        ids.add(ctx.trace.trace_id)
+        ids.add(ctx.trace.span_id)
+    assert 0.2 < sum(decisions) / len(decisions) < 0.3
+    assert len(ids) == 8000
+
+
+def test_incoming_context_is_still_continued_after_the_edge_stage() -> None:
+    ctx = _edge_ctx(("traceparent", f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"))
+    TraceStage(sampling=0.0).on_request(ctx)
+    headers = _headers(ctx)
+    trace_id, span_id, sampled = parse_traceparent(headers["traceparent"]) or ("", "", False)
+    assert trace_id == CLIENT_TRACE and span_id != CLIENT_SPAN and sampled
+    assert headers["x-b3-parentspanid"] == CLIENT_SPAN
+    assert len(_all(ctx, "traceparent")) == 1
