@@ -289,3 +289,18 @@ def test_incoming_context_is_still_continued_after_the_edge_stage() -> None:
     assert trace_id == CLIENT_TRACE and span_id != CLIENT_SPAN and sampled
     assert headers["x-b3-parentspanid"] == CLIENT_SPAN
     assert len(_all(ctx, "traceparent")) == 1
+
+
+def test_traceparent_parsing_follows_the_w3c_rules_at_the_edges() -> None:
+    ids = f"{CLIENT_TRACE}-{CLIENT_SPAN}"
+    assert parse_traceparent(f"00-{ids}-01") == (CLIENT_TRACE, CLIENT_SPAN, True)
+    assert parse_traceparent(f" 00-{ids.upper()}-00 ") == (CLIENT_TRACE, CLIENT_SPAN, False)
+    # A later version may append fields; version 00 may not; version ff is invalid.
+    assert parse_traceparent(f"01-{ids}-03-more") == (CLIENT_TRACE, CLIENT_SPAN, True)
+    assert parse_traceparent(f"00-{ids}-01-more") is None
+    assert parse_traceparent(f"ff-{ids}-01") is None
+    assert parse_traceparent(f"00-{'0' * 32}-{CLIENT_SPAN}-01") is None
+    assert parse_traceparent(f"00-{CLIENT_TRACE}-{'0' * 16}-01") is None
+    assert parse_traceparent(f"00-{ids}-1") is None
+    assert parse_traceparent(f"00-{CLIENT_TRACE}g-{CLIENT_SPAN}-01") is None
+    assert parse_traceparent(f"00-{ids}-01x") is None
