@@ -217,9 +217,9 @@ def _report(
         f"`python loadtest/bench_jwt.py` with DUR={DUR} ROUNDS={ROUNDS}: wrk -t1 -c50 on core "
         f"{bench.LOAD_CORE} with the nginx backend, each meshgate (1 worker) on core "
         f"{bench.PROXY_CORE}; {platform.machine()}, {os.cpu_count()} cores, "
-        f"Python {platform.python_version()}. The machine was shared with other work "
-        "while this ran, so absolute figures are noisy; the ratios come from the same "
-        "rounds.",
+        f"Python {platform.python_version()}; 1-minute load average before the run "
+        f"{os.getloadavg()[0]:.2f}. Absolute figures move with whatever else runs on the "
+        "machine; the ratios come from the same rounds.",
         "",
         "| variant | requests/s | ratio to no JWT | gateway CPU µs/request | "
         "CPU ratio (no JWT / this) |",

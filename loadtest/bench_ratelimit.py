@@ -257,9 +257,9 @@ def report(
         "loadtest/bench_ratelimit.py --doc`; commit "
         f"{facts['commit']}; {facts['nproc']} cores ({facts['cpu']}), Linux "
         f"{facts['kernel']}, Python {facts['python']}, uvloop {facts['uvloop']}, "
-        f"wrk {facts['wrk']}; load average before the run {load_before}. The machine is "
-        "shared with other work, so absolute figures move between runs; the ratios are "
-        "taken within each round.",
+        f"wrk {facts['wrk']}; load average before the run {load_before}. Absolute figures "
+        "move with whatever else runs on the machine; the ratios are taken within each "
+        "round.",
         "",
         "Decisions in one process (no HTTP):",
         "",
