@@ -41,16 +41,6 @@ START_TIMEOUT_S = 30.0
 REQUEST_TIMEOUT_S = 30.0
 BIG_BYTES = 16 * 1024 * 1024
 
-# HTTP/3 is started by ``meshgate run`` once the TLS listeners and the runtime call
-# ``gateway.server.http3.start_http3``; until both are in this checkout the tests say
-# so instead of failing on a half-built gateway. Once they are, nothing is skipped.
-_RUNTIME_SOURCE = Path(gateway.runtime.__file__).read_text()
-_TLS_PRESENT = (Path(gateway.runtime.__file__).parent / "server" / "tls.py").exists()
-pytestmark = pytest.mark.skipif(
-    "start_http3" not in _RUNTIME_SOURCE or not _TLS_PRESENT,
-    reason="meshgate run does not start TLS and HTTP/3 listeners in this checkout yet",
-)
-
 
 # --------------------------------------------------------------------------- processes
 
