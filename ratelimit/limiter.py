@@ -160,27 +160,45 @@ class Limiter:
     def check(
         self, route_limits: RouteRateLimit, ctx: RequestFacts
     ) -> Verdict | Awaitable[Verdict]:
-        limits = route_limits.limits
-        if len(limits) == 1 and route_limits.local_only:
-            # The common case, without the tally: one local limit.
-            limit = limits[0]
+        limit = route_limits.single
+        if limit is not None:
+            # The common case: one local limit with one key part and nothing
+            # conditional. Its bucket is known by a memoised hash, so no key string
+            # is built or hashed per request, and there is no tally.
+            value = ctx.head.peer or None if limit.by_peer else limit.extract(ctx)
+            h = limit.hashes.get(value)
+            if h is None:
+                h = limit.key_hash(value)
+            rate = limit.rate
+            burst = rate.burst
+            o = self.local.take_hash(h, rate.interval_us, burst)
+        elif len(route_limits.limits) == 1 and route_limits.local_only:
+            # One local limit, but with overrides, several key parts or a host check.
+            limit = route_limits.limits[0]
             found = limit.bucket(ctx)
             if found is None:
                 return ALLOW
             bucket, rate = found
             burst = rate.burst
             o = self.local.take(bucket, rate.interval_us, burst)
-            if o.allowed:
-                return Verdict(True, burst, o.remaining, -(-o.reset_us // 1_000_000), 0, False, "")
-            return Verdict(
-                False,
-                burst,
-                0,
-                _ceil_s(o.reset_us),
-                max(1, _ceil_s(o.retry_after_us)),
-                False,
-                limit.id,
-            )
+        else:
+            return self._check_all(route_limits, ctx)
+        if o.allowed:
+            return Verdict(True, burst, o.remaining, -(-o.reset_us // 1_000_000), 0, False, "")
+        return Verdict(
+            False,
+            burst,
+            0,
+            _ceil_s(o.reset_us),
+            max(1, _ceil_s(o.retry_after_us)),
+            False,
+            limit.id,
+        )
+
+    def _check_all(
+        self, route_limits: RouteRateLimit, ctx: RequestFacts
+    ) -> Verdict | Awaitable[Verdict]:
+        """Several limits, or a Redis one: every limit asked, the verdicts folded."""
         tally = _Tally()
         burst_of: dict[str, int] = {}
         waiting: list[tuple[Limit, asyncio.Future[Outcome | None]]] | None = None

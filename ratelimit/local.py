@@ -3,6 +3,7 @@
     gcra(tat_us, now_us, interval_us, burst) -> Outcome      the arithmetic, pure
     LocalBuckets(slots, shared=...)                           the table and its lock
       .take(key, interval_us, burst, now_us=None) -> Outcome
+      .take_hash(hash(key) or 1, interval_us, burst) -> Outcome   the same, key pre-hashed
 
 **Algorithm.** GCRA (the "generic cell rate algorithm"), which is a token bucket
 written as one number per key: the *theoretical arrival time* (TAT), the moment the
@@ -79,17 +80,6 @@ def gcra(tat_us: int, now_us: int, interval_us: int, burst: int) -> tuple[int, O
     return tat, Outcome(False, 0, tat - now_us, ahead - capacity)
 
 
-class _NoLock:
-    """Stands in for the lock when one process owns the table: decisions are
-    synchronous, so within one event loop nothing can interleave them."""
-
-    def acquire(self, block: bool = True, timeout: float | None = None) -> bool:
-        return True
-
-    def release(self) -> None:
-        return None
-
-
 class LocalBuckets:
     """A bounded GCRA table, optionally shared by forked worker processes."""
 
@@ -113,7 +103,13 @@ class LocalBuckets:
         self._keys = self._view[: slots * 8].cast("q")
         self._tats = self._view[slots * 8 :].cast("q")
         self._mask = slots - 1
-        self._lock = multiprocessing.get_context("fork").Lock() if shared else _NoLock()
+        # One process: decisions are synchronous, so within one event loop nothing can
+        # interleave them and no lock is taken at all (None).
+        self._lock = multiprocessing.get_context("fork").Lock() if shared else None
+        # The default clock is read inline (one C call) rather than through a wrapper.
+        self._native_clock = clock is monotonic_us
+        decide = self._decide_locked if shared else self._decide
+        self.take = self.take_hash = decide  # type: ignore[method-assign]
         # Per-process counters, read by the metrics endpoint and tests.
         self.decisions = 0
         self.evictions = 0
@@ -126,33 +122,58 @@ class LocalBuckets:
 
     def take(self, key: str, interval_us: int, burst: int, now_us: int | None = None) -> Outcome:
         """Spend one token of ``key``'s bucket if it has one."""
+        decide = self._decide if self._lock is None else self._decide_locked
+        return decide(key, interval_us, burst, now_us)
+
+    def take_hash(self, h: int, interval_us: int, burst: int, now_us: int | None = None) -> Outcome:
+        """``take`` for a key already hashed: ``h`` is ``hash(key) or 1``.
+
+        Callers that see the same key again and again (one client, one route) keep
+        that number instead of building and hashing the key string per request.
+        """
+        decide = self._decide if self._lock is None else self._decide_locked
+        return decide(h, interval_us, burst, now_us)
+
+    # Both public names are rebound per instance in __init__ to the function that
+    # does the work (``_decide``, or ``_decide_locked`` for a shared table): the
+    # decision is then one Python call, which is most of its cost.
+
+    def _decide_locked(
+        self, key: str | int, interval_us: int, burst: int, now_us: int | None = None
+    ) -> Outcome:
         if now_us is None:
-            clock = self.clock
-            now_us = _monotonic_ns() // 1000 if clock is monotonic_us else clock()
-        h = hash(key) or 1  # 0 marks an empty slot
-        self.decisions += 1
-        if not self.shared:
-            return self._take(h, now_us, interval_us, burst)
+            # Read before waiting for the lock: the request arrived now, not after.
+            now_us = _monotonic_ns() // 1000 if self._native_clock else self.clock()
         lock = self._lock
         if not lock.acquire(True, self.lock_timeout_s):
             # A worker died inside the critical section (SIGKILL): rather than stall
             # every request behind a lock nobody will release, let this one through.
+            self.decisions += 1
             self.lock_timeouts += 1
             return Outcome(True, 0, 0, 0)
         try:
-            return self._take(h, now_us, interval_us, burst)
+            return self._decide(key, interval_us, burst, now_us)
         finally:
             lock.release()
 
-    def _take(self, h: int, now_us: int, interval_us: int, burst: int) -> Outcome:
-        # ``gcra`` inlined: this is the hot path of every limited request.
+    def _decide(
+        self, key: str | int, interval_us: int, burst: int, now_us: int | None = None
+    ) -> Outcome:
+        # ``gcra`` inlined: this is the hot path of every limited request. An int key
+        # is already ``hash(bucket) or 1`` (take_hash); a string is hashed here.
+        h = key if key.__class__ is int else (hash(key) or 1)  # 0 marks an empty slot
+        if now_us is None:
+            now_us = _monotonic_ns() // 1000 if self._native_clock else self.clock()
+        self.decisions += 1
         keys = self._keys
         tats = self._tats
         mask = self._mask
         slot = h & mask
         if keys[slot] == h:
             tat = tats[slot]  # the common case: the key sits in its home slot
+            fresh = False  # so the slot's key need not be written again
         else:
+            fresh = True
             found = -1
             free = -1
             oldest = -1
@@ -173,6 +194,7 @@ class LocalBuckets:
             if found >= 0:
                 slot = found
                 tat = tats[slot]
+                fresh = False
             elif free >= 0:
                 slot = free
                 tat = 0
@@ -186,7 +208,8 @@ class LocalBuckets:
         ahead = new_tat - now_us
         capacity = interval_us * burst
         if ahead <= capacity:
-            keys[slot] = h
+            if fresh:
+                keys[slot] = h
             tats[slot] = new_tat
             return _new(Outcome, (True, (capacity - ahead) // interval_us, ahead, 0))
         return _new(Outcome, (False, 0, tat - now_us, ahead - capacity))

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from gateway.config import hosts as hostrules
@@ -44,6 +44,9 @@ __all__ = [
 
 MISSING = "\x00missing"  # the bucket of requests lacking a key part's value
 _SEP = "\x1f"  # between key parts: a byte no header value or claim can hold
+# Distinct key values whose bucket hash one limit remembers (per process); a flood of
+# new values empties the memo rather than growing it.
+HASH_MEMO_SIZE = 4096
 
 
 class RequestFacts(Protocol):
@@ -311,6 +314,39 @@ class Limit:
     # policy for api.example.com on a "*" host): checked per request.
     hosts: tuple[str, ...] = ()
 
+    # The request path of a limit with one key part, no overrides and no host check
+    # (the usual shape), set in __post_init__: ``plain`` says it applies, ``extract``
+    # is that part's ``value``, and ``hashes`` remembers ``hash(bucket) or 1`` per key
+    # value, so a returning client costs one dict lookup instead of building and
+    # hashing its bucket string. Not compared, hashed or dumped: derived state.
+    plain: bool = field(default=False, init=False, repr=False, compare=False)
+    extract: Any = field(default=None, init=False, repr=False, compare=False)
+    hashes: dict[str | None, int] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+    # The key is the connection's peer address (source.ip, or remote.ip with no
+    # trusted proxies): the commonest key, read by the limiter without a call.
+    by_peer: bool = field(default=False, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if len(self.key) == 1 and not self.overrides and not self.hosts:
+            part = self.key[0]
+            object.__setattr__(self, "plain", True)
+            object.__setattr__(self, "extract", part.value)
+            peer = type(part) is _SourceIp or (type(part) is _RemoteIp and not part.trusted)
+            object.__setattr__(self, "by_peer", peer)
+
+    def key_hash(self, value: str | None) -> int:
+        """``hash(bucket) or 1`` of a plain limit's bucket for key ``value`` (None: the
+        request lacks it), as ``LocalBuckets.take`` hashes the bucket string; memoised."""
+        bucket = self.id + _SEP + value if value is not None else self.id + MISSING
+        h = hash(bucket) or 1
+        hashes = self.hashes
+        if len(hashes) >= HASH_MEMO_SIZE:
+            hashes.clear()
+        hashes[value] = h
+        return h
+
     def bucket(self, ctx: RequestFacts) -> tuple[str, Rate] | None:
         """The bucket key and rate for this request; None when the limit skips it."""
         if self.hosts:
@@ -364,6 +400,14 @@ class RouteRateLimit:
     limits: tuple[Limit, ...]
     headers: str = "ratelimit"  # ratelimit | x-ratelimit | none
     local_only: bool = True  # no Redis limit: the decision never awaits
+    # The one limit of a route whose only limit is local and plain (see Limit.plain),
+    # else None: the limiter's shortest path. Derived, so not compared or dumped.
+    single: Limit | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        limits = self.limits
+        if len(limits) == 1 and self.local_only and limits[0].plain:
+            object.__setattr__(self, "single", limits[0])
 
     def to_dict(self) -> dict[str, Any]:
         return {"headers": self.headers, "limits": [lim.to_dict() for lim in self.limits]}
