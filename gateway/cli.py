@@ -2,6 +2,8 @@
 
     meshgate run PATH... [--address ADDR] [--admin-port PORT] [--labels k=v,...]
                          [--gateway-class NAME] [--workers N] [--log-format json|text]
+    meshgate egress PATH...            # run as the egress gateway (docs/egress.md):
+                                       # labels istio=egressgateway, REGISTRY_ONLY
     meshgate validate PATH...          # exit 0 clean, 1 errors; warnings never fail
     meshgate routes PATH... [--host H] [--json]
     meshgate demo-backend --port PORT [--name NAME]
@@ -39,6 +41,11 @@ def _labels_arg(text: str) -> dict[str, str]:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
+# The default of --labels; `meshgate egress` tells it from labels given by identity.
+_INGRESS_LABELS = {"istio": "ingressgateway"}
+_INGRESS_WORKLOAD = "meshgate-ingressgateway"
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="meshgate", description="A gateway-first service mesh configured with Istio YAML."
@@ -57,7 +64,7 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--labels",
         type=_labels_arg,
-        default={"istio": "ingressgateway"},
+        default=_INGRESS_LABELS,
         help="this gateway's labels, matched by Gateway selectors (istio=ingressgateway)",
     )
     run.add_argument("--gateway-class", default="meshgate", help="Gateway API class name")
@@ -124,7 +131,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     ops.add_argument(
         "--workload-name",
-        default="meshgate-ingressgateway",
+        default=_INGRESS_WORKLOAD,
         help="this gateway's workload name in metrics (meshgate-ingressgateway)",
     )
     limits = run.add_argument_group("limits (defaults in docs/operations.md)")
@@ -151,6 +158,34 @@ def _build_parser() -> argparse.ArgumentParser:
         type=int,
         default=65536,
         help="buckets kept in process, a power of two, 16 bytes each (65536)",
+    )
+
+    egress = run.add_argument_group("egress gateway (docs/egress.md)")
+    egress.add_argument(
+        "--outbound-traffic-policy",
+        choices=("REGISTRY_ONLY", "ALLOW_ANY"),
+        help="serve as an egress gateway: only ServiceEntry hosts (REGISTRY_ONLY, the "
+        "default with `meshgate egress` or labels istio=egressgateway) or any host",
+    )
+    egress.add_argument(
+        "--dns-server",
+        action="append",
+        default=[],
+        metavar="ADDR[:PORT]",
+        help="DNS server for egress name resolution (repeatable; default: /etc/resolv.conf)",
+    )
+    egress.add_argument(
+        "--dns-timeout-s",
+        type=float,
+        default=5.0,
+        help="one name's resolution, retries included (5)",
+    )
+    sub.add_parser(
+        "egress",
+        parents=[run],
+        add_help=False,
+        help="serve as the egress gateway: `run` with labels istio=egressgateway, "
+        "workload meshgate-egressgateway and REGISTRY_ONLY unless told otherwise",
     )
 
     validate = sub.add_parser("validate", help="check configuration; exit 1 on errors")
@@ -254,12 +289,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
         )
         if getattr(args, name) is not None
     }
+    labels, workload, egress = _egress_mode(args)
     options = RunOptions(
         paths=tuple(args.paths),
         address=args.address,
         admin_port=args.admin_port,
         admin_address=args.admin_address,
-        labels=args.labels,
+        labels=labels,
         gateway_class=args.gateway_class,
         workers=args.workers,
         log_format=args.log_format,
@@ -268,14 +304,50 @@ def _cmd_run(args: argparse.Namespace) -> int:
         reload_interval_s=args.reload_interval_s,
         trace_sampling=max(0.0, min(100.0, args.trace_sampling)) / 100.0,
         otlp_endpoint=_otlp_endpoint(args.otlp_endpoint),
-        workload_name=args.workload_name,
+        workload_name=workload,
         credentials_dir=args.credentials_dir,
         cert_poll_s=args.cert_poll_s,
         namespace=args.namespace,
         authn=_authn_settings(args),
         ratelimit=_ratelimit_settings(args),
+        egress=egress,
     )
     return run(options)
+
+
+def _egress_mode(args: argparse.Namespace) -> tuple[dict[str, str], str, object]:
+    """(labels, workload name, egress.EgressSettings or None).
+
+    ``meshgate egress``, labels ``istio=egressgateway`` or an explicit
+    ``--outbound-traffic-policy`` make this process an egress gateway."""
+    labels, workload = args.labels, args.workload_name
+    is_egress = args.command == "egress"
+    if is_egress and labels is _INGRESS_LABELS:
+        labels = {"istio": "egressgateway"}
+    if is_egress and workload == _INGRESS_WORKLOAD:
+        workload = "meshgate-egressgateway"
+    is_egress = (
+        is_egress
+        or labels.get("istio") == "egressgateway"
+        or args.outbound_traffic_policy is not None
+    )
+    if not is_egress:
+        return dict(labels), workload, None
+    from egress import REGISTRY_ONLY, EgressSettings
+    from egress.dns import parse_server
+
+    for server in args.dns_server:
+        try:
+            parse_server(server)
+        except ValueError as exc:
+            print(f"meshgate: --dns-server {server!r}: {exc}", file=sys.stderr)
+            raise SystemExit(2) from exc
+    settings = EgressSettings(
+        outbound_traffic_policy=args.outbound_traffic_policy or REGISTRY_ONLY,
+        dns_servers=tuple(args.dns_server),
+        dns_timeout_s=args.dns_timeout_s,
+    )
+    return dict(labels), workload, settings
 
 
 def _authn_settings(args: argparse.Namespace) -> object:
@@ -320,6 +392,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     handler = {
         "run": _cmd_run,
+        "egress": _cmd_run,
         "validate": _cmd_validate,
         "routes": _cmd_routes,
         "demo-backend": _cmd_demo_backend,

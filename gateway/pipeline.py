@@ -59,12 +59,14 @@ class Pipeline:
         exporter: OtlpExporter | None = None,
         security: Any = None,
         limiter: Any = None,  # ratelimit.Limiter
+        route_stage: Any = None,  # replaces RouteStage (the egress gateway's)
+        upstream_stage: UpstreamStage | None = None,  # replaces UpstreamStage (egress)
     ) -> None:
         self.snapshots = snapshots
         self.access_log = access_log
         self.metrics = metrics
         self.exporter = exporter
-        self.upstream = UpstreamStage(pools)
+        self.upstream = upstream_stage or UpstreamStage(pools)
         # authn.runtime.SecurityRuntime: JWT keys, token cache, decision counters.
         self.security = security
         security_stages: tuple[Any, ...] = ()
@@ -93,7 +95,7 @@ class Pipeline:
             # costs a route lookup. Both return at once when no policy is bound.
             *security_stages,
             # Routing needs the request as the client sent it (host, path, headers).
-            RouteStage(),
+            route_stage or RouteStage(),
             # CORS needs the route's policy, and answers preflights before the
             # action so a redirect or direct response never swallows one.
             CorsStage(),

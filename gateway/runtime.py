@@ -57,6 +57,7 @@ class RunOptions:
     otlp_endpoint: str | None = None  # http://host:port/v1/traces; None: no export
     workload_name: str = "meshgate-ingressgateway"  # source_workload in metrics
     stats_dir: str | None = None  # set by the supervisor: where workers answer the parent
+    egress: Any = None  # egress.EgressSettings: serve as an egress gateway; None: ingress
 
 
 class SnapshotRef:
@@ -107,6 +108,10 @@ def build_snapshot(options: RunOptions) -> tuple[Model, Snapshot]:
 
     model = load_config(list(options.paths))
     snapshot = compile_snapshot(model, dict(options.labels), namespace=options.namespace)
+    if options.egress is not None:
+        from egress import attach_egress
+
+        snapshot = attach_egress(snapshot, model, options.egress, options.namespace)
     from ratelimit.limiter import LimiterSettings, snapshot_problem
 
     problem = snapshot_problem(snapshot, options.ratelimit or LimiterSettings())
@@ -188,6 +193,10 @@ async def _serve_worker(
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     settings = options.settings
+    if options.egress is not None:
+        from dataclasses import replace
+
+        settings = replace(settings, allow_connect=True)
     access_log = AccessLog(options.log_format)
     pools = UpstreamPools(write_buffer_high_bytes=settings.write_buffer_high_bytes)
     # Upstream TLS (DestinationRule tls.credentialName) reads the same directory.
@@ -207,6 +216,13 @@ async def _serve_worker(
 
     limiter = await start_limiter(options.ratelimit, buckets)
     services.ratelimit = limiter  # counters in /metrics
+    egress_kwargs: dict[str, Any] = {}
+    egress_runtime = None
+    if options.egress is not None:
+        from egress.runtime import EgressRuntime
+
+        egress_runtime = EgressRuntime(options.egress, pools, access_log, services.metrics)
+        egress_kwargs = egress_runtime.pipeline_kwargs()
     pipeline = Pipeline(
         snapshot_ref,
         pools,
@@ -214,6 +230,7 @@ async def _serve_worker(
         security=security,
         limiter=limiter,
         **services.pipeline_kwargs(),
+        **egress_kwargs,
     )
     listeners = ListenerSet(pipeline.handle, settings, options.address)
     tls_listeners = [

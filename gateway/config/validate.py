@@ -85,7 +85,8 @@ RETRY_ON = (
 )
 DERIVE_PORT = ("FROM_PROTOCOL_DEFAULT", "FROM_REQUEST_PORT")
 H2_UPGRADE = ("DEFAULT", "DO_NOT_UPGRADE", "UPGRADE")
-RESOLUTIONS = ("NONE", "STATIC", "DNS", "DNS_ROUND_ROBIN")
+# DYNAMIC_DNS is meshgate's: a wildcard host resolved per request (docs/egress.md).
+RESOLUTIONS = ("NONE", "STATIC", "DNS", "DNS_ROUND_ROBIN", "DYNAMIC_DNS")
 LOCATIONS = ("MESH_EXTERNAL", "MESH_INTERNAL")
 CORS_METHODS = ("CONNECT", "DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT", "TRACE")
 UNMATCHED_PREFLIGHTS = ("FORWARD", "IGNORE")
@@ -840,8 +841,8 @@ def _check_service_entry(r: _Report, spec: ServiceEntrySpec) -> None:
     r.one_of("spec.location", spec.location, LOCATIONS, "location")
     r.one_of("spec.resolution", spec.resolution, RESOLUTIONS, "resolution")
     resolution = spec.resolution or "NONE"
-    if resolution == "NONE" and spec.endpoints:
-        r.error("spec.endpoints", "resolution NONE takes no endpoints")
+    if resolution in ("NONE", "DYNAMIC_DNS") and spec.endpoints:
+        r.error("spec.endpoints", f"resolution {resolution} takes no endpoints")
     if resolution in ("DNS", "DNS_ROUND_ROBIN"):
         if not spec.endpoints:
             for i, host in enumerate(spec.hosts):
@@ -849,7 +850,8 @@ def _check_service_entry(r: _Report, spec: ServiceEntrySpec) -> None:
                     r.error(
                         f"spec.hosts[{i}]",
                         f'"{host}" needs endpoints: with {resolution} resolution and no '
-                        "endpoints, every host is resolved, so it cannot be a wildcard",
+                        "endpoints, every host is resolved, so it cannot be a wildcard "
+                        "(DYNAMIC_DNS resolves each name a request asks for)",
                     )
         if resolution == "DNS_ROUND_ROBIN" and len(spec.endpoints) > 1:
             r.error("spec.endpoints", "DNS_ROUND_ROBIN resolution takes at most one endpoint")

@@ -73,7 +73,7 @@ from .table import (
     WeightedCluster,
 )
 
-__all__ = ["compile_snapshot", "parse_duration_s"]
+__all__ = ["ClusterCompiler", "compile_snapshot", "parse_duration_s"]
 
 # Server protocols whose traffic is HTTP once any TLS is terminated. A TLS/TCP
 # server (or an HTTPS one in passthrough) is routed by SNI/TCP rules, not http[].
@@ -145,6 +145,25 @@ def compile_snapshot(
     finally:
         if collecting:
             gc.enable()
+
+
+class ClusterCompiler:
+    """Clusters compiled on demand, exactly as ``compile_snapshot`` compiles them.
+
+    For a data plane that learns a host only when a request names it (the egress
+    gateway's wildcard ServiceEntry hosts and ``ALLOW_ANY`` destinations): the
+    DestinationRule lookup and policy merge and the ServiceEntry endpoints are this
+    module's, so nothing outside it repeats them. Building one indexes the model once.
+    """
+
+    def __init__(self, model: Model) -> None:
+        self._compiler = _Compiler(model, {})
+
+    def cluster(self, host: str, port: int, service_entry: Resource | None) -> Cluster:
+        """The cluster ``outbound|<port>||<host>`` with ``service_entry``'s endpoints
+        for that port (none without one) and the DestinationRule that covers ``host``."""
+        name = f"outbound|{port}||{host}"
+        return self._compiler._cluster(name, host, port, "", service_entry)
 
 
 def parse_duration_s(text: str | None) -> float | None:
@@ -881,8 +900,9 @@ def _endpoints(host: str, spec: ServiceEntrySpec, port: ServiceEntryPort) -> tup
                 )
             )
         return tuple(out)
-    if resolution in ("DNS", "DNS_ROUND_ROBIN") and not host.startswith("*"):
-        # DNS with no endpoints: the host name itself is resolved and dialled.
+    if resolution in ("DNS", "DNS_ROUND_ROBIN", "DYNAMIC_DNS") and not host.startswith("*"):
+        # DNS with no endpoints: the host name itself is resolved and dialled. A
+        # wildcard host (DYNAMIC_DNS) has none until a request names one.
         return (Endpoint(address=host, port=default_port),)
     # NONE: Istio forwards to the original destination address; a gateway has none
     # to forward to, so meshgate compiles no endpoints (503 UH).

@@ -54,6 +54,7 @@ def snapshot_to_dict(snapshot: Snapshot, *, include_sources: bool = True) -> dic
         # Bound RequestAuthentication/AuthorizationPolicy, only when there are some,
         # so configurations without them dump (and hash) as before.
         **({"security": snapshot.security.to_dict()} if snapshot.security is not None else {}),
+        **({"egress": snapshot.egress.to_dict()} if snapshot.egress is not None else {}),
     }
 
 

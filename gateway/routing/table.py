@@ -328,3 +328,6 @@ class Snapshot:
     # authn.policy.SecurityPolicy bound to this gateway, or None: the request stages
     # then skip authentication and authorization without looking further.
     security: Any = None
+    # egress.registry.EgressRegistry on an egress gateway (the ServiceEntry hosts
+    # traffic may leave for, and the outbound traffic policy); None elsewhere.
+    egress: Any = None

@@ -530,6 +530,12 @@ class HTTP1Connection(asyncio.Protocol):
                     else b"content-length: %d\r\n" % content_length
                 )
                 self._upgrade_body = (stream, framing)
+        elif head.path == "" and head.method == "CONNECT":
+            # llhttp stops after a CONNECT head as after an upgrade; what follows is
+            # the tunnel's once the handler has opened it (see take_over).
+            stream.tunnel = bytearray()
+            self._tunnel = stream
+            self.must_close = True
         self._dispatch(stream)
 
     def on_body(self, body: bytes) -> None:
@@ -598,6 +604,10 @@ class HTTP1Connection(asyncio.Protocol):
             path, _, query = url.partition(b"?")
         elif url == b"*":
             path, query = url, b""
+        elif self.settings.allow_connect and parser.get_method() == b"CONNECT":
+            # Authority-form (RFC 9112 3.2.3): the target is the tunnel's host:port.
+            path, query = b"", b""
+            authority = url.decode("latin-1")
         else:
             # Absolute form (a proxy-style request): its authority wins over Host.
             try:

@@ -26,3 +26,6 @@ class ServerSettings:
     # streams it opened there, is closed with GOAWAY ENHANCE_YOUR_CALM.
     h2_max_premature_resets: int = 200
     h2_reset_window_s: float = 10.0
+    # HTTP/1.1 CONNECT (authority-form targets) is handed to the request handler as
+    # a tunnel request; off, as on an ingress gateway, it is refused with 400.
+    allow_connect: bool = False

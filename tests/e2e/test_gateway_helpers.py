@@ -72,9 +72,11 @@ class Backend:
 class Gateway:
     """``meshgate run`` as a process; collects its access-log lines from stdout."""
 
-    def __init__(self, config_dir: Path, admin_port: int, *extra: str) -> None:
+    def __init__(
+        self, config_dir: Path, admin_port: int, *extra: str, command: str = "run"
+    ) -> None:
         self.proc = subprocess.Popen(
-            [MESHGATE, "run", str(config_dir), "--admin-port", str(admin_port), *extra],
+            [MESHGATE, command, str(config_dir), "--admin-port", str(admin_port), *extra],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )
@@ -111,6 +113,17 @@ class Gateway:
 
     def wait_stderr(self, pred: Callable[[str], bool], timeout_s: float = 20.0) -> str:
         return self._wait(self.stderr, pred, timeout_s)
+
+    def log_where(self, pred: Callable[[dict[str, Any]], bool], timeout_s: float = 10.0) -> dict:
+        """The first access-log record that ``pred`` accepts."""
+
+        def accepts(line: str) -> bool:
+            try:
+                return bool(pred(json.loads(line)))
+            except ValueError:
+                return False
+
+        return json.loads(self._wait(self.lines, accepts, timeout_s))
 
     def log_for(self, request_id: str, timeout_s: float = 10.0) -> dict[str, Any]:
         """The access-log record of the request with this ``x-request-id``."""

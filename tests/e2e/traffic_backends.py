@@ -116,9 +116,16 @@ class _Server(http.server.ThreadingHTTPServer):
 
 
 class ScriptedBackend:
-    def __init__(self, port: int, name: str, ssl_context: ssl.SSLContext | None = None) -> None:
+    def __init__(
+        self,
+        port: int,
+        name: str,
+        ssl_context: ssl.SSLContext | None = None,
+        address: str = "127.0.0.1",
+    ) -> None:
         self.recorder = Recorder(name)
-        self.server = _Server(("127.0.0.1", port), _handler(self.recorder))
+        self.server = _Server((address, port), _handler(self.recorder))
+        self.port = self.server.server_address[1]
         if ssl_context is not None:
             self.server.socket = ssl_context.wrap_socket(self.server.socket, server_side=True)
         threading.Thread(target=self.server.serve_forever, daemon=True).start()

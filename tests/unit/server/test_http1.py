@@ -387,3 +387,35 @@ def test_large_body_pauses_reading_until_the_handler_reads() -> None:
         assert out.startswith(b"HTTP/1.1 200")
 
     run(main())
+
+
+def test_connect_is_a_bad_request_when_tunnels_are_not_allowed() -> None:
+    async def main() -> None:
+        conn, transport = _connection()
+        conn.data_received(b"CONNECT api.example.test:443 HTTP/1.1\r\nHost: x\r\n\r\n")
+        out = await _wait_for(transport, b"bad request")
+        assert out.startswith(b"HTTP/1.1 400 ")
+
+    run(main())
+
+
+def test_connect_becomes_a_tunnel_request_with_the_bytes_after_its_head() -> None:
+    async def main() -> None:
+        handed: asyncio.Future[tuple[Any, Any, bytes]] = asyncio.get_running_loop().create_future()
+
+        async def tunnel_handler(stream: DownstreamStream) -> None:
+            raw, rest = stream.take_over()  # type: ignore[attr-defined]
+            handed.set_result((stream.head, raw, rest))
+
+        conn, transport = _connection(tunnel_handler, ServerSettings(allow_connect=True))
+        conn.data_received(
+            b"CONNECT api.example.test:443 HTTP/1.1\r\nHost: api.example.test:443\r\n\r\n"
+            b"\x16\x03\x01early-client-hello"
+        )
+        head, raw, rest = await handed
+        assert head.method == "CONNECT" and head.path == ""
+        assert head.authority == "api.example.test:443"
+        assert raw is transport and rest == b"\x16\x03\x01early-client-hello"
+        assert transport.paused  # nothing more is read until the tunnel takes it
+
+    run(main())
