@@ -4,8 +4,9 @@
                          [--gateway-class NAME] [--workers N] [--log-format json|text]
     meshgate egress PATH...            # run as the egress gateway (docs/egress.md):
                                        # labels istio=egressgateway, REGISTRY_ONLY
-    meshgate validate PATH...          # exit 0 clean, 1 errors; warnings never fail
-    meshgate routes PATH... [--host H] [--json]
+    meshgate validate PATH... [--gateway-class NAME]   # exit 0 clean, 1 errors
+    meshgate routes PATH... [--host H] [--json] [--gateway-class NAME]
+    meshgate status PATH... [--gateway-class NAME]     # Gateway API status, as YAML
     meshgate demo-backend --port PORT [--name NAME]
     meshgate token --key PEM --issuer ISS [--sub S] [--aud A] [--claim k=v] ...
                                        # development only: mints a test JWT
@@ -67,7 +68,11 @@ def _build_parser() -> argparse.ArgumentParser:
         default=_INGRESS_LABELS,
         help="this gateway's labels, matched by Gateway selectors (istio=ingressgateway)",
     )
-    run.add_argument("--gateway-class", default="meshgate", help="Gateway API class name")
+    run.add_argument(
+        "--gateway-class",
+        default="meshgate",
+        help="Gateway API classes served: gatewayClassName values, comma-separated (meshgate)",
+    )
     run.add_argument("--workers", type=int, default=1, help="processes sharing the ports (1)")
     run.add_argument("--log-format", choices=("json", "text"), default="json")
     run.add_argument(
@@ -188,8 +193,16 @@ def _build_parser() -> argparse.ArgumentParser:
         "workload meshgate-egressgateway and REGISTRY_ONLY unless told otherwise",
     )
 
+    classes_help = "Gateway API classes served, comma-separated (meshgate)"
     validate = sub.add_parser("validate", help="check configuration; exit 1 on errors")
     validate.add_argument("paths", nargs="+", metavar="PATH")
+    validate.add_argument("--gateway-class", default="meshgate", help=classes_help)
+
+    status = sub.add_parser(
+        "status", help="print the Gateway API status (conditions) of the configuration"
+    )
+    status.add_argument("paths", nargs="+", metavar="PATH")
+    status.add_argument("--gateway-class", default="meshgate", help=classes_help)
 
     routes = sub.add_parser("routes", help="print the compiled route table")
     routes.add_argument("paths", nargs="+", metavar="PATH")
@@ -198,6 +211,7 @@ def _build_parser() -> argparse.ArgumentParser:
     routes.add_argument(
         "--labels", type=_labels_arg, default={"istio": "ingressgateway"}, help="gateway labels"
     )
+    routes.add_argument("--gateway-class", default="meshgate", help=classes_help)
 
     token = sub.add_parser(
         "token", help="DEVELOPMENT ONLY: mint a test JWT with a local private key"
@@ -222,7 +236,9 @@ def _print_problems(errors: Sequence[object], warnings: Sequence[object]) -> Non
 
 def _cmd_validate(args: argparse.Namespace) -> int:
     from .config import ConfigErrors
+    from .config.gatewayapi_status import bind_gateway_api, status_warnings
     from .config.load import load_config
+    from .runtime import gateway_classes
 
     try:
         model = load_config(args.paths)
@@ -230,9 +246,35 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         _print_problems(exc.errors, exc.warnings)
         print(exc.summary(), file=sys.stderr)
         return 1
-    _print_problems((), model.warnings)
+    # Gateway API conditions that are not as they should be (a route not attached, a
+    # backend not found) are warnings: the configuration is valid, a controller
+    # would accept it and report them in status.
+    warnings = list(model.warnings)
+    if model.gateway_api("Gateway") or model.gateway_api("HTTPRoute"):
+        binding = bind_gateway_api(model, gateway_classes(args.gateway_class))
+        warnings.extend(status_warnings(binding))
+    _print_problems((), warnings)
     count = len(model.resources)
-    print(f"{count} resource{'s' if count != 1 else ''} valid, {len(model.warnings)} warnings")
+    print(f"{count} resource{'s' if count != 1 else ''} valid, {len(warnings)} warnings")
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    import yaml
+
+    from .config import ConfigErrors
+    from .config.gatewayapi_status import bind_gateway_api, status_to_dict
+    from .config.load import load_config
+    from .runtime import gateway_classes
+
+    try:
+        model = load_config(args.paths)
+    except ConfigErrors as exc:
+        _print_problems(exc.errors, exc.warnings)
+        print(exc.summary(), file=sys.stderr)
+        return 1
+    binding = bind_gateway_api(model, gateway_classes(args.gateway_class))
+    print(yaml.safe_dump(status_to_dict(binding), sort_keys=False, width=200), end="")
     return 0
 
 
@@ -241,6 +283,7 @@ def _cmd_routes(args: argparse.Namespace) -> int:
     from .config.load import load_config
     from .routing.compile import compile_snapshot
     from .routing.dump import format_routes
+    from .runtime import gateway_classes
 
     try:
         model = load_config(args.paths)
@@ -248,7 +291,9 @@ def _cmd_routes(args: argparse.Namespace) -> int:
         _print_problems(exc.errors, exc.warnings)
         print(exc.summary(), file=sys.stderr)
         return 1
-    snapshot = compile_snapshot(model, args.labels)
+    snapshot = compile_snapshot(
+        model, args.labels, gateway_classes=gateway_classes(args.gateway_class)
+    )
     print(format_routes(snapshot, host=args.host, as_json=args.json))
     return 0
 
@@ -395,6 +440,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "egress": _cmd_run,
         "validate": _cmd_validate,
         "routes": _cmd_routes,
+        "status": _cmd_status,
         "demo-backend": _cmd_demo_backend,
         "token": _cmd_token,
     }[args.command]

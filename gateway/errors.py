@@ -16,6 +16,7 @@ a short body. Each carries an Envoy-style response flag for the access log.
     ├── RateLimitServiceError         503 RLSE a fail-closed limit's Redis did not answer
     ├── DownstreamDisconnected        (none) DC the client went away mid-exchange
     ├── NoHealthyUpstream             503 UH   no cluster or no endpoints
+    ├── ClusterNotFound               500 NC   a Gateway API backendRef that cannot be used
     ├── UpstreamConnectFailure        503 UF   connect refused / timed out
     ├── UpstreamTimeout               504 UT   route timeout before the response head
     ├── UpstreamReset                 503 UR   upstream closed/reset before the head
@@ -37,6 +38,7 @@ __all__ = [
     "AccessDenied",
     "BadRequest",
     "BodyTooLarge",
+    "ClusterNotFound",
     "DownstreamDisconnected",
     "ErrorSource",
     "GatewayError",
@@ -179,6 +181,17 @@ class NoHealthyUpstream(GatewayError):
     flag = "UH"
     source = ErrorSource.UPSTREAM
     body = "no healthy upstream"
+
+
+class ClusterNotFound(GatewayError):
+    """A Gateway API route sent the request to a backend that cannot be used (missing
+    Service, unsupported kind, reference not permitted, no backends): the spec asks
+    for a 500, which Envoy gives with ``cluster_not_found_response_code``."""
+
+    status = 500
+    flag = "NC"
+    source = ErrorSource.INTERNAL
+    body = "invalid backend"
 
 
 class UpstreamConnectFailure(GatewayError):

@@ -89,6 +89,7 @@ def _services(
         workload=WorkloadLabels(options.workload_name, options.namespace),
         pools=pools,
         serving=serving,
+        gateway_classes=gateway_classes(options.gateway_class),
     )
 
 
@@ -101,13 +102,23 @@ def _say(message: str) -> None:
 _models: dict[str, Model] = {}
 
 
+def gateway_classes(text: str) -> tuple[str, ...]:
+    """``--gateway-class meshgate,edge`` -> the Gateway API classes served."""
+    return tuple(name.strip() for name in text.split(",") if name.strip())
+
+
 def build_snapshot(options: RunOptions) -> tuple[Model, Snapshot]:
     """Load, validate and compile; raises ``ConfigErrors`` with every problem."""
     from .config.load import load_config
     from .routing.compile import compile_snapshot
 
     model = load_config(list(options.paths))
-    snapshot = compile_snapshot(model, dict(options.labels), namespace=options.namespace)
+    snapshot = compile_snapshot(
+        model,
+        dict(options.labels),
+        namespace=options.namespace,
+        gateway_classes=gateway_classes(options.gateway_class),
+    )
     if options.egress is not None:
         from egress import attach_egress
 

@@ -51,8 +51,10 @@ class ProcessServices:
         workload: WorkloadLabels | None = None,
         pools: Any = None,
         serving: bool = True,
+        gateway_classes: tuple[str, ...] = ("meshgate",),
     ) -> None:
         self.ref = ref
+        self.gateway_classes = gateway_classes
         self.readiness = readiness
         self.pools = pools
         self.workload = workload or WorkloadLabels("meshgate-ingressgateway", "istio-system")
@@ -147,6 +149,7 @@ class ProcessServices:
             reload=self.reloader.status.to_dict,
             processes=processes,
             workload=self.workload,
+            gateway_classes=self.gateway_classes,
         )
 
 

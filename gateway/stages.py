@@ -20,13 +20,21 @@ from time import perf_counter
 from typing import Any
 
 from .errors import (
+    ClusterNotFound,
     NoHealthyUpstream,
     RouteNotFound,
     UpstreamReset,
     UpstreamTimeout,
 )
-from .routing.match import find_virtual_host, match_route, pick_destination, rewrite_path
+from .routing.match import (
+    find_virtual_host,
+    match_route,
+    pick_destination,
+    replace_path_prefix,
+    rewrite_path,
+)
 from .routing.table import (
+    INVALID_BACKEND_PREFIX,
     CorsPolicy,
     DirectResponse,
     Forward,
@@ -503,6 +511,10 @@ def redirect_location(redirect: Redirect, head: RequestHead) -> str:
         path = redirect.uri
         if "?" not in path and head.query:
             path = f"{path}?{head.query}"
+    elif redirect.replace_prefix is not None:
+        path = replace_path_prefix(head.path, redirect.prefix, redirect.replace_prefix)
+        if head.query:
+            path = f"{path}?{head.query}"
     else:
         path = f"{head.path}?{head.query}" if head.query else head.path
     return f"{scheme}://{host}{path}"
@@ -600,6 +612,8 @@ class UpstreamStage:
         assert snapshot is not None and destination is not None and ctx.forward is not None
         cluster = snapshot.clusters.get(destination.cluster)
         if cluster is None:
+            if destination.cluster.startswith(INVALID_BACKEND_PREFIX):
+                raise ClusterNotFound(destination.cluster)
             raise NoHealthyUpstream(f"no cluster {destination.cluster}")
         if (
             cluster.traffic is not None

@@ -6,6 +6,8 @@
                          version and the reload record (last errors with file:line)
     GET /routes          what ``meshgate routes --json`` prints (``?host=`` filters)
     GET /clusters        clusters, endpoints, health, ejection, pool figures
+    GET /gateway_status  Gateway API status: the conditions of every GatewayClass,
+                         Gateway, listener and route this gateway serves
     GET /metrics         Prometheus text: Istio's standard request metrics and
                          meshgate's own reload and trace-export counters
 
@@ -62,6 +64,7 @@ class AdminState:
     workload: WorkloadLabels = field(
         default_factory=lambda: WorkloadLabels("meshgate-ingressgateway", "istio-system")
     )
+    gateway_classes: tuple[str, ...] = ("meshgate",)  # --gateway-class
 
 
 def build_admin_app(readiness: Readiness, state: AdminState | None = None) -> Starlette:
@@ -146,6 +149,14 @@ def _state_routes(state: AdminState) -> list[Route]:
         text = format_routes(snapshot, host=request.query_params.get("host"), as_json=True)
         return Response(text + "\n", media_type="application/json")
 
+    async def gateway_status(request: Request) -> Response:
+        from ..config.gatewayapi_status import bind_gateway_api, status_to_dict
+
+        model = state.model()
+        if model is None:
+            return _json({"error": "no configuration loaded"}, 503)
+        return _json(status_to_dict(bind_gateway_api(model, state.gateway_classes)))
+
     async def clusters(request: Request) -> Response:
         processes = await state.processes()
         snapshot = state.snapshot()
@@ -180,6 +191,7 @@ def _state_routes(state: AdminState) -> list[Route]:
         Route("/config_dump", config_dump),
         Route("/routes", routes),
         Route("/clusters", clusters),
+        Route("/gateway_status", gateway_status),
         Route("/metrics", metrics),
     ]
 

@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 
 from .resources import Resource
 
+# Spelled out rather than imported from gatewayapi.py: errors.py sits below it.
+GATEWAY_API_GROUP = "gateway.networking.k8s.io"
+
 __all__ = ["ConfigError", "ConfigErrors", "Model"]
 
 
@@ -64,4 +67,13 @@ class Model:
     warnings: tuple[ConfigError, ...] = field(default=())
 
     def of_kind(self, kind: str) -> tuple[Resource, ...]:
-        return tuple(r for r in self.resources if r.kind == kind)
+        """The Istio/meshgate resources of ``kind`` (never a Gateway API namesake)."""
+        return tuple(
+            r for r in self.resources if r.kind == kind and r.api_group != GATEWAY_API_GROUP
+        )
+
+    def gateway_api(self, kind: str) -> tuple[Resource, ...]:
+        """The ``gateway.networking.k8s.io`` resources of ``kind``, in load order."""
+        return tuple(
+            r for r in self.resources if r.kind == kind and r.api_group == GATEWAY_API_GROUP
+        )

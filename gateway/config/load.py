@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import yaml
 
 from .errors import ConfigError, ConfigErrors, Model
+from .gatewayapi import GATEWAY_API_GROUP, GATEWAY_API_VERSIONS
 from .parse import INVALID, Parser, Problem
 from .resources import API_VERSIONS, Metadata, Resource
 from .validate import check
@@ -43,7 +44,6 @@ _UNSUPPORTED_ISTIO_KINDS = frozenset(
 # ObjectMeta fields Kubernetes adds (``kubectl get -o yaml``); accepted and dropped.
 _KUBERNETES_METADATA = frozenset(
     {
-        "creationTimestamp",
         "deletionGracePeriodSeconds",
         "deletionTimestamp",
         "finalizers",
@@ -55,6 +55,11 @@ _KUBERNETES_METADATA = frozenset(
         "selfLink",
         "uid",
     }
+)
+# Gateway API kinds meshgate does not serve (layer-4 routes, policies, experimental
+# kinds): warned about and ignored, like the Istio kinds above.
+_UNSUPPORTED_GATEWAY_API_KINDS = frozenset(
+    {"BackendLBPolicy", "BackendTLSPolicy", "ListenerSet", "TCPRoute", "TLSRoute", "UDPRoute"}
 )
 _TOP_LEVEL = ("apiVersion", "kind", "metadata", "spec", "status")
 _UNNAMED = "<unnamed>"
@@ -218,10 +223,13 @@ class _FileReader:
             # group (PeerAuthentication) is not served yet.
             self.warn(kind, namespace, name, source, "not yet supported, ignored")
             return
+        if group == GATEWAY_API_GROUP and kind in _UNSUPPORTED_GATEWAY_API_KINDS:
+            self.warn(kind, namespace, name, source, "not supported by meshgate, ignored")
+            return
         if group == NETWORKING_GROUP and kind in _UNSUPPORTED_ISTIO_KINDS:
             self.warn(kind, namespace, name, source, "not supported by meshgate, ignored")
             return
-        if group not in (NETWORKING_GROUP, MESHGATE_GROUP, SECURITY_GROUP):
+        if group not in (NETWORKING_GROUP, MESHGATE_GROUP, SECURITY_GROUP, GATEWAY_API_GROUP):
             self.warn(
                 kind,
                 namespace,
@@ -230,9 +238,11 @@ class _FileReader:
                 f"{api_version} is not an Istio networking API; ignored",
             )
             return
-        known = API_VERSIONS.get(kind)
+        # The Gateway API has its own "Gateway": the group decides which one is meant.
+        registry = GATEWAY_API_VERSIONS if group == GATEWAY_API_GROUP else API_VERSIONS
+        known = registry.get(kind)
         if known is None:
-            supported = ", ".join(sorted(API_VERSIONS))
+            supported = ", ".join(sorted(registry))
             parser.problem(
                 "kind", fields["kind"], f'unknown kind "{kind}"; supported kinds: {supported}'
             )
@@ -296,10 +306,15 @@ def _load(paths: Sequence[str]) -> _Loaded:
     loaded = _Loaded(errors=errors, warnings=warnings, files=files)
     for path in files:
         _FileReader(path, loaded).read()
-    first: dict[tuple[str, str, str], Resource] = {}
+    first: dict[tuple[str, str, str, str], Resource] = {}
     unique: list[Resource] = []
     for resource in loaded.resources:
-        key = (resource.kind, resource.metadata.namespace, resource.metadata.name)
+        key = (
+            resource.api_group,
+            resource.kind,
+            resource.metadata.namespace,
+            resource.metadata.name,
+        )
         earlier = first.get(key)
         if earlier is None:
             first[key] = resource

@@ -106,6 +106,8 @@ class Metadata:
     namespace: str = "default"
     labels: dict[str, str] = field(default_factory=dict)
     annotations: dict[str, str] = field(default_factory=dict)
+    # Kept as written: the Gateway API orders routes by age (oldest first).
+    creation_timestamp: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -694,6 +696,12 @@ class Resource:
     source: str
     file: str
     lines: dict[str, int] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def api_group(self) -> str:
+        """``networking.istio.io`` of ``networking.istio.io/v1``; "" for the core group."""
+        group, sep, _ = self.api_version.partition("/")
+        return group if sep else ""
 
     @property
     def key(self) -> str:

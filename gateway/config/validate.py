@@ -27,6 +27,7 @@ from typing import Any
 
 from .durations import DurationError, parse_duration_s
 from .errors import ConfigError, ConfigErrors, Model
+from .gatewayapi import check_gateway_api
 from .hosts import MESH_GATEWAY, expand_host, gateway_ref, host_matches, split_server_host
 from .parse import child_path
 from .quic import http3_exclusion
@@ -247,7 +248,7 @@ def _check_metadata(r: _Report) -> None:
             f'"{meta.name}" is not a valid name '
             "(lower-case letters, digits, '-' and '.', starting and ending alphanumeric)",
         )
-    elif r.resource.kind == "Gateway" and not _LABEL.fullmatch(meta.name):
+    elif isinstance(r.resource.spec, GatewaySpec) and not _LABEL.fullmatch(meta.name):
         # VirtualServices refer to Gateways as "ns/name", so a dot is not allowed.
         r.error("metadata.name", f'"{meta.name}" is not a valid Gateway name (no dots)')
     if not (_LABEL.fullmatch(meta.namespace) and meta.namespace == meta.namespace.lower()):
@@ -906,7 +907,9 @@ class _References:
 
     def __init__(self, resources: Sequence[Resource]) -> None:
         self.gateways = sorted(
-            (r.metadata.namespace, r.metadata.name) for r in resources if r.kind == "Gateway"
+            (r.metadata.namespace, r.metadata.name)
+            for r in resources
+            if isinstance(r.spec, GatewaySpec)
         )
         self.entry_hosts = [
             expand_host(host, r.metadata.namespace)
@@ -986,6 +989,8 @@ def check(resources: Iterable[Resource]) -> tuple[list[ConfigError], list[Config
         r = _Report(resource, errors, warnings)
         _check_metadata(r)
         spec = resource.spec
+        if check_gateway_api(r, spec):
+            continue  # a gateway.networking.k8s.io kind, checked by its own module
         if isinstance(spec, GatewaySpec):
             _check_gateway(r, spec)
         elif isinstance(spec, VirtualServiceSpec):

@@ -21,12 +21,13 @@ import binascii
 import dataclasses
 import gc
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from types import SimpleNamespace
 from typing import Any
 
 from ..config import hosts as hostrules
 from ..config.errors import Model
+from ..config.gatewayapi_status import bind_gateway_api
 from ..config.resources import (
     CorsPolicy as CorsSpec,
 )
@@ -48,6 +49,7 @@ from ..config.resources import (
 )
 from ..policy import compile_cluster_traffic, compile_route_traffic
 from .dump import snapshot_content_hash
+from .gatewayapi import GatewayAPIPort, compile_gateway_api
 from .table import (
     NO_HEADER_OPS,
     ClaimMatch,
@@ -113,12 +115,17 @@ _DURATION_UNIT_S = {
 
 
 def compile_snapshot(
-    model: Model, gateway_labels: Mapping[str, str], *, namespace: str = "istio-system"
+    model: Model,
+    gateway_labels: Mapping[str, str],
+    *,
+    namespace: str = "istio-system",
+    gateway_classes: Sequence[str] = ("meshgate",),
 ) -> Snapshot:
     """Build the Snapshot for a gateway workload carrying ``gateway_labels``.
 
     Only Gateways whose ``selector`` is a subset of the labels apply (an empty
-    selector applies to every gateway, as in Istio). The result is deterministic:
+    selector applies to every gateway, as in Istio); Gateway API Gateways apply when
+    their ``gatewayClassName`` is one of ``gateway_classes``. The result is deterministic:
     the same model and labels give an equal Snapshot with the same ``version``.
     ``namespace`` is where the gateway runs; it decides which RequestAuthentication
     and AuthorizationPolicy resources bind to it (``authn.policy``).
@@ -129,7 +136,7 @@ def compile_snapshot(
     collecting = gc.isenabled()
     gc.disable()
     try:
-        snapshot = _Compiler(model, dict(gateway_labels)).build()
+        snapshot = _Compiler(model, dict(gateway_labels), tuple(gateway_classes)).build()
         if model.of_kind("RequestAuthentication") or model.of_kind("AuthorizationPolicy"):
             from authn.policy import compile_security
 
@@ -331,7 +338,11 @@ def _merge_routes(parts: list[list[Route]]) -> tuple[Route, ...]:
 class _Compiler:
     """One compile pass; holds the indexes built from the model."""
 
-    def __init__(self, model: Model, gateway_labels: dict[str, str]) -> None:
+    def __init__(
+        self, model: Model, gateway_labels: dict[str, str], gateway_classes: tuple[str, ...] = ()
+    ) -> None:
+        self.model = model
+        self.gateway_classes = gateway_classes
         self.labels = gateway_labels
         self.gateways = [
             r for r in model.of_kind("Gateway") if _is_subset(_gw_spec(r).selector, gateway_labels)
@@ -364,6 +375,11 @@ class _Compiler:
             for index, server in enumerate(_gw_spec(gw).servers):
                 by_port.setdefault(server.port.number, []).append((gw, index, server))
         listeners = {port: self._listener(port, by_port[port]) for port in sorted(by_port)}
+        if self.model.gateway_api("Gateway"):
+            binding = bind_gateway_api(self.model, self.gateway_classes)
+            for port, part in compile_gateway_api(binding, self._gateway_api_cluster).items():
+                listeners[port] = _merge_gateway_api(listeners.get(port), part)
+            listeners = dict(sorted(listeners.items()))
         # Clusters are made while compiling actions, before compile-time filters and
         # https redirects may drop the route: keep only those a route still names.
         used: set[str] = set()
@@ -380,7 +396,8 @@ class _Compiler:
         for listener in listeners.values():
             for sni_route in listener.sni_routes:
                 used.update(d.cluster for d in sni_route.destinations)
-        clusters = {name: self.clusters[name] for name in sorted(used)}
+        # A Gateway API backend that cannot be used names no cluster (answered 500).
+        clusters = {name: self.clusters[name] for name in sorted(used) if name in self.clusters}
         return Snapshot(
             version="",
             listeners=listeners,
@@ -714,6 +731,23 @@ class _Compiler:
 
     # ----------------------------------------------------------------- clusters
 
+    def _gateway_api_cluster(self, host: str, port: int, grpc: bool) -> str:
+        """The cluster of a resolved Gateway API backend: the same one a VirtualService
+        destination ``host``/``port`` gets. A GRPCRoute's backend speaks HTTP/2 even
+        when its ServiceEntry port does not say so."""
+        destination = SimpleNamespace(host=host, subset=None, port=SimpleNamespace(number=port))
+        name = self._cluster_for(destination, "default", port)
+        cluster = self.clusters[name]
+        if grpc and cluster.protocol not in ("GRPC", "HTTP2", "GRPC-WEB"):
+            self.clusters[name] = dataclasses.replace(
+                cluster,
+                protocol="GRPC",
+                traffic=compile_cluster_traffic(
+                    cluster.policy, "GRPC", weighted=len({e.weight for e in cluster.endpoints}) > 1
+                ),
+            )
+        return name
+
     def _cluster_for(self, destination, vs_namespace: str, listener_port: int) -> str:
         host = hostrules.expand_host(destination.host, vs_namespace)
         se = self.services.get(host)
@@ -796,6 +830,41 @@ class _Compiler:
 
 
 # --------------------------------------------------------------------------- pieces
+
+
+def _merge_gateway_api(istio: Listener | None, part: GatewayAPIPort) -> Listener:
+    """A port's Gateway API hosts added to (or forming) its Listener.
+
+    Where an Istio Gateway already serves the same hostname on the port, the Istio
+    virtual host is kept and the Gateway API routes for that hostname are not added;
+    a port whose Istio servers speak another protocol keeps only those."""
+    port = part.port
+    if istio is not None and istio.protocol != part.protocol:
+        return istio
+    exact = dict(istio.virtual_hosts) if istio is not None else {}
+    wildcard = dict(istio.wildcard_hosts) if istio is not None else {}
+    catch_all = istio.catch_all if istio is not None else None
+    for domain in part.domains + [d for d in part.routes_by_domain if d not in part.domains]:
+        routes = tuple(part.routes_by_domain.get(domain, ()))
+        vhost = VirtualHost(f"{domain}:{port}", (domain,), routes)
+        if domain == "*":
+            if catch_all is None:
+                catch_all = vhost
+        elif domain.startswith("*."):
+            wildcard.setdefault(domain[1:], vhost)
+        else:
+            exact.setdefault(domain, vhost)
+    return Listener(
+        name=f"0.0.0.0_{port}",
+        port=port,
+        protocol=part.protocol,
+        virtual_hosts=dict(sorted(exact.items())),
+        wildcard_hosts=dict(sorted(wildcard.items())),
+        catch_all=catch_all,
+        origins=(*(istio.origins if istio is not None else ()), *part.origins),
+        tls_servers=(*(istio.tls_servers if istio is not None else ()), *part.tls_servers),
+        sni_routes=istio.sni_routes if istio is not None else (),
+    )
 
 
 def _gw_spec(resource: Resource) -> GatewaySpec:

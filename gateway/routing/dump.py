@@ -154,8 +154,13 @@ def _vhost(vhost: VirtualHost, sources: bool) -> dict[str, Any]:
     }
 
 
+# Matcher kinds in YAML spelling; the Gateway API's segment-wise PathPrefix is
+# "pathPrefix", shown with its value normalised (no trailing "/", "" for "/").
+_MATCHER_KEYS = {"path_prefix": "pathPrefix"}
+
+
 def _matcher(m: StringMatcher) -> dict[str, Any]:
-    out: dict[str, Any] = {m.kind: m.value}
+    out: dict[str, Any] = {_MATCHER_KEYS.get(m.kind, m.kind): m.value}
     if m.ignore_case:
         out["ignoreCase"] = True
     return out
@@ -230,6 +235,11 @@ def _action(action: Forward | Redirect | DirectResponse) -> dict[str, Any]:
                 redirect[field] = value
         if action.derive_port is not None:
             redirect["derivePort"] = action.derive_port
+        if action.replace_prefix is not None:
+            redirect["replacePrefixMatch"] = {
+                "prefix": action.prefix,
+                "with": action.replace_prefix,
+            }
         return {"redirect": redirect}
     direct: dict[str, Any] = {"status": action.status}
     if action.body:
@@ -269,6 +279,8 @@ def _route(route: Route, sources: bool) -> dict[str, Any]:
         if route.rewrite.uri_regex is not None:
             pattern, substitution = route.rewrite.uri_regex
             rewrite["uriRegexRewrite"] = {"match": pattern.pattern, "rewrite": substitution}
+        if route.rewrite.full_path is not None:
+            rewrite["fullPath"] = route.rewrite.full_path
         out["rewrite"] = rewrite
     if not route.request_headers.empty:
         out["requestHeaders"] = _ops(route.request_headers)
@@ -350,6 +362,8 @@ def _describe(m: StringMatcher, *, path: bool = False) -> str:
         text = m.value
     elif m.kind == "prefix":
         text = m.value + "*"
+    elif m.kind == "path_prefix":
+        text = m.value + "/**" if m.value else "/**"
     else:
         text = m.value if path else "~" + m.value
     return text + " (ignore case)" if m.ignore_case else text

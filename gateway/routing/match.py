@@ -35,6 +35,7 @@ __all__ = [
     "match_route",
     "parse_query",
     "pick_destination",
+    "replace_path_prefix",
     "rewrite_path",
 ]
 
@@ -246,6 +247,8 @@ def rewrite_path(route: Route, path: str) -> str:
     rewrite = route.rewrite
     if rewrite is None:
         return path
+    if rewrite.full_path is not None:
+        return rewrite.full_path
     if rewrite.uri_regex is not None:
         pattern, substitution = rewrite.uri_regex
         return pattern.sub(substitution, path)
@@ -256,4 +259,21 @@ def rewrite_path(route: Route, path: str) -> str:
         return rewrite.uri + path[1:] if path.startswith("/") else rewrite.uri + path
     if uri.kind == "prefix":
         return rewrite.uri + path[len(uri.value) :]
+    if uri.kind == "path_prefix":
+        return replace_path_prefix(path, uri.value, rewrite.uri)
     return rewrite.uri
+
+
+def replace_path_prefix(path: str, prefix: str, replacement: str) -> str:
+    """The Gateway API's ReplacePrefixMatch: ``prefix`` (a PathPrefix value without its
+    trailing "/", matched on whole segments) becomes ``replacement``.
+
+    Segments are kept apart by exactly one "/": the spec's table maps "/foo/bar" with
+    prefix "/foo" to "/xyz/bar" for both "/xyz" and "/xyz/", to "/bar" for "", and
+    "/foo" to "/" for "" or "/" -- never "//" and never an empty path.
+    """
+    rest = path[len(prefix) :]  # "" or starts with "/"
+    result = replacement.rstrip("/") + rest
+    if not result.startswith("/"):
+        result = "/" + result
+    return result

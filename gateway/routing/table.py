@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
+    "INVALID_BACKEND_PREFIX",
     "ClaimMatch",
     "Cluster",
     "CorsPolicy",
@@ -73,9 +74,12 @@ class Origin:
 class StringMatcher:
     """An Istio StringMatch, ready to run.
 
-    ``kind`` is "exact", "prefix" or "regex". Regex is a full match (RE2 semantics
-    as Envoy uses them; Python's ``re`` covers the RE2 syntax Istio users write).
-    ``prefix`` is a plain string prefix: "/pre" matches "/prefix".
+    ``kind`` is "exact", "prefix", "path_prefix" or "regex". Regex is a full match
+    (RE2 semantics as Envoy uses them; Python's ``re`` covers the RE2 syntax Istio
+    users write). ``prefix`` is a plain string prefix: "/pre" matches "/prefix".
+    ``path_prefix`` is the Gateway API's PathPrefix, whole path segments only: its
+    value is stored without a trailing "/", and "/pre" matches "/pre" and "/pre/x"
+    but not "/prefix" ("/" is stored as "" and matches every path).
     With ``ignore_case`` the value is stored lower-cased and the input is
     lower-cased before comparing.
     """
@@ -93,6 +97,10 @@ class StringMatcher:
             return text == self.value
         if kind == "prefix":
             return text.startswith(self.value)
+        if kind == "path_prefix":
+            value = self.value
+            size = len(value)
+            return text.startswith(value) and (len(text) == size or text[size] == "/")
         assert self.pattern is not None  # compile.py always sets it for regex
         return self.pattern.fullmatch(text) is not None
 
@@ -156,6 +164,13 @@ class HeaderOps:
 NO_HEADER_OPS = HeaderOps()
 
 
+# A destination whose cluster name starts with this names a backend that cannot be
+# used (Gateway API: missing Service, kind not supported, reference not permitted).
+# No cluster of that name exists; the upstream stage answers 500 with flag NC, as
+# Envoy's cluster_not_found_response_code does for Gateway API routes.
+INVALID_BACKEND_PREFIX = "invalid|"
+
+
 @dataclass(frozen=True, slots=True)
 class WeightedCluster:
     cluster: str  # key into Snapshot.clusters
@@ -184,6 +199,10 @@ class Redirect:
     scheme: str | None = None
     port: int | None = None
     derive_port: str | None = None  # FROM_PROTOCOL_DEFAULT | FROM_REQUEST_PORT
+    # Gateway API ReplacePrefixMatch: ``prefix`` (a path_prefix value) of the
+    # request's path is replaced by ``replace_prefix`` (``replace_path_prefix``).
+    replace_prefix: str | None = None
+    prefix: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,6 +219,8 @@ class Rewrite:
     uri: str | None = None
     authority: str | None = None
     uri_regex: tuple[re.Pattern[str], str] | None = field(default=None, compare=False)
+    # Gateway API ReplaceFullPath: the whole path, whatever the match kind.
+    full_path: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
