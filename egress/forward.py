@@ -32,13 +32,23 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import random
 import sys
 from dataclasses import dataclass
 from time import perf_counter
 from typing import Any
 
 from gateway.errors import ErrorSource, GatewayError, RouteNotFound, UpstreamConnectFailure
-from gateway.routing.table import Cluster, Endpoint, Forward, Origin, Route, WeightedCluster
+from gateway.routing.match import pick_destination
+from gateway.routing.table import (
+    Cluster,
+    Endpoint,
+    Forward,
+    Origin,
+    Route,
+    SNIRoute,
+    WeightedCluster,
+)
 from gateway.stages import RequestContext, RouteStage, UpstreamStage
 from gateway.upstream.pool import UpstreamPools
 from gateway.upstream.websocket import splice
@@ -53,6 +63,7 @@ __all__ = [
     "EgressRefused",
     "EgressRouteStage",
     "EgressUpstreamStage",
+    "Held",
 ]
 
 BLACKHOLE_CLUSTER = "BlackHoleCluster"  # Istio's name for where refused traffic goes
@@ -116,6 +127,7 @@ class Egress:
         # cluster name -> (cluster before resolution, addresses, cluster dialled).
         self._clusters: dict[str, tuple[Cluster, tuple[tuple[str, ...], ...], Cluster]] = {}
         self.refused = 0
+        self._rnd = random.Random()
 
     def _adopt(self, snapshot: Any) -> EgressRegistry:
         registry = getattr(snapshot, "egress", None)
@@ -285,6 +297,29 @@ class Egress:
         self._clusters[key] = (base, sig, resolved)
         return resolved
 
+    def pick_weighted(self, route: SNIRoute) -> WeightedCluster:
+        """A destination of a weighted ``tls[]`` route, by weight."""
+        return pick_destination(route, self._rnd.random())  # type: ignore[arg-type]
+
+    async def connect(
+        self, ctx: RequestContext, address: str, port: int
+    ) -> tuple[asyncio.Transport, Held]:
+        """A plain TCP connection for a tunnel, within the connect timeout; what the
+        upstream sends before the splice is kept in the ``Held`` protocol."""
+        label = f"{address}:{port}"
+        loop = asyncio.get_running_loop()
+        started = perf_counter()
+        try:
+            async with asyncio.timeout(self.pools.connect_timeout_s):
+                up, held = await loop.create_connection(Held, address, port)
+        except TimeoutError as exc:
+            raise UpstreamConnectFailure(f"connect to {label} timed out") from exc
+        except OSError as exc:
+            log.info("tunnel %s -> %s failed: %s", ctx.xff or ctx.head.peer, label, exc)
+            raise UpstreamConnectFailure(f"connect to {label}: {exc}") from exc
+        ctx.upstream_ms = (perf_counter() - started) * 1000.0
+        return up, held
+
 
 class EgressRouteStage(RouteStage):
     """VirtualService routes first; what they do not route, the registry decides."""
@@ -340,20 +375,10 @@ class EgressUpstreamStage(UpstreamStage):
 
     async def _tunnel(self, ctx: RequestContext, cluster: Cluster) -> None:
         """CONNECT: a TCP connection of its own to one endpoint, then a splice."""
-        pools = self.pools
-        endpoint = pools.pick_endpoint(cluster)
+        endpoint = self.pools.pick_endpoint(cluster)
         ctx.upstream_cluster = cluster.name
-        label = ctx.upstream_host = f"{endpoint.address}:{endpoint.port}"
-        loop = asyncio.get_running_loop()
-        started = perf_counter()
-        try:
-            async with asyncio.timeout(pools.connect_timeout_s):
-                up, held = await loop.create_connection(_Held, endpoint.address, endpoint.port)
-        except TimeoutError as exc:
-            raise UpstreamConnectFailure(f"connect to {label} timed out") from exc
-        except OSError as exc:
-            raise UpstreamConnectFailure(f"connect to {label}: {exc}") from exc
-        ctx.upstream_ms = (perf_counter() - started) * 1000.0
+        ctx.upstream_host = f"{endpoint.address}:{endpoint.port}"
+        up, held = await self.egress.connect(ctx, endpoint.address, endpoint.port)
         try:
             down, down_rest = ctx.stream.take_over()  # type: ignore[attr-defined]
         except BaseException:
@@ -364,6 +389,7 @@ class EgressUpstreamStage(UpstreamStage):
         down.write(_ESTABLISHED)
         if held.closed:
             # The upstream hung up before the splice began: nothing to carry.
+            down.write(bytes(held.buffer))
             down.close()
             ctx.bytes_sent += len(held.buffer)
             return
@@ -372,7 +398,7 @@ class EgressUpstreamStage(UpstreamStage):
         ctx.bytes_sent += sent_down
 
 
-class _Held(asyncio.Protocol):
+class Held(asyncio.Protocol):
     """An upstream connection waiting for the splice: keeps what arrives early."""
 
     def __init__(self) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 from gateway.upstream.pool import UpstreamPools
 
 from .forward import Egress, EgressRouteStage, EgressUpstreamStage
+from .passthrough import PassthroughHandler
 from .registry import EgressSettings
 
 __all__ = ["EgressRuntime"]
@@ -32,6 +33,10 @@ class EgressRuntime:
         self.pools = pools
         self.access_log = access_log
         self.metrics = metrics
+
+    def passthrough(self, snapshots: Any) -> PassthroughHandler:
+        """The handler for PASSTHROUGH servers (``ListenerSet.passthrough``)."""
+        return PassthroughHandler(self.egress, snapshots, self.access_log, self.metrics)
 
     def pipeline_kwargs(self) -> dict[str, Any]:
         """The stages ``gateway.pipeline.Pipeline`` runs in place of its own."""

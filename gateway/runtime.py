@@ -244,6 +244,8 @@ async def _serve_worker(
         **egress_kwargs,
     )
     listeners = ListenerSet(pipeline.handle, settings, options.address)
+    if egress_runtime is not None:
+        listeners.passthrough = egress_runtime.passthrough(snapshot_ref)
     tls_listeners = [
         snapshot.listeners[port] for port in ports if snapshot.listeners[port].tls_servers
     ]

@@ -106,6 +106,10 @@ class ListenerSet:
     # (an object with ``.current``, the Snapshot new connections use).
     certificates: CertificateStore | None = None
     snapshot_ref: Any = None
+    # Called as ``passthrough(sock, sni, route or None, port)`` for PASSTHROUGH
+    # servers instead of the built-in splice; returns a coroutine (the egress gateway
+    # decides by its registry, resolves names and logs the tunnel).
+    passthrough: Any = None
     _idle: asyncio.Event = field(default_factory=asyncio.Event)
     _stopping: bool = False
     _tasks: set[asyncio.Task[Any]] = field(default_factory=set)
@@ -262,6 +266,11 @@ class _TLSServer:
             return
         if entry.passthrough:
             route = match_sni_route(self.port_tls.listener.sni_routes, hello.server_name)
+            hook = self.owner.passthrough
+            if hook is not None:
+                listener_port = self.port_tls.listener.port
+                self.owner._spawn(hook(conn, hello.server_name, route, listener_port))
+                return
             if route is None:
                 logger.info("port %d: no tls route for SNI %r", self.port, hello.server_name)
                 conn.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import shutil
 import socket
+import ssl
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -110,6 +111,38 @@ spec:
   ports: [{{number: 80, name: http, protocol: HTTP, targetPort: {plain_port}}}]
   endpoints: [{{address: 127.0.0.7}}]
 ---
+# SNI passthrough: routed by a VirtualService tls[] route, or by the registry.
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {{name: egress-tls, namespace: istio-system}}
+spec:
+  selector: {{istio: egressgateway}}
+  servers:
+  - port: {{number: {sni_port}, name: tls, protocol: TLS}}
+    hosts: ["*.example.test"]
+    tls: {{mode: PASSTHROUGH}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: passthrough, namespace: egress}}
+spec:
+  hosts: [api.example.test, unlisted.example.test]
+  gateways: [istio-system/egress-tls]
+  tls:
+  - match: [{{sniHosts: [api.example.test]}}]
+    route: [{{destination: {{host: api.example.test, port: {{number: 443}}}}}}]
+  - match: [{{sniHosts: [unlisted.example.test]}}]
+    route: [{{destination: {{host: unlisted.example.test, port: {{number: 443}}}}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: direct, namespace: egress}}
+spec:
+  hosts: [direct.example.test]
+  resolution: STATIC
+  ports: [{{number: {sni_port}, name: tls, protocol: TLS, targetPort: {tls_port}}}]
+  endpoints: [{{address: 127.0.0.5}}]
+---
 # Istio's egress routing: the gateway's half of it (the mesh half needs sidecars).
 apiVersion: networking.istio.io/v1
 kind: VirtualService
@@ -127,14 +160,16 @@ spec:
 
 class Egress:
     def __init__(self, tmp: Path) -> None:
-        self.port, admin = free_ports(2)
+        self.port, admin, self.sni_port = free_ports(3)
         ca = TestCA(tmp / "pki")
         other = TestCA(tmp / "other-pki", "another CA")
         self.ca = ca.ca_path
         self.tls = ScriptedBackend(
             0,
             "api-tls",
-            ca.server_context("api", ["api.example.test"], require_client=False),
+            ca.server_context(
+                "api", ["api.example.test", "direct.example.test"], require_client=False
+            ),
             address="127.0.0.5",
         )
         self.plain = ScriptedBackend(0, "plain", address="127.0.0.7")
@@ -143,6 +178,7 @@ class Egress:
         (config / "egress.yaml").write_text(
             CONFIG.format(
                 port=self.port,
+                sni_port=self.sni_port,
                 plain_port=self.plain.port,
                 tls_port=self.tls.port,
                 ca=ca.ca_path,
@@ -321,3 +357,49 @@ def test_connect_to_an_unregistered_host_is_refused(eg: Egress) -> None:
 def test_connect_to_an_undeclared_port_is_refused(eg: Egress) -> None:
     answer = _connect(eg.port, "api.example.test:8443")
     assert answer.startswith(b"HTTP/1.1 502")
+
+
+# --------------------------------------------------------------------------- SNI passthrough
+
+
+def _tls_get(eg: Egress, server_name: str) -> bytes:
+    """An HTTPS request straight to the passthrough port, verified end to end."""
+    context = ssl.create_default_context(cafile=str(eg.ca))
+    with (
+        socket.create_connection(("127.0.0.1", eg.sni_port), timeout=5) as raw,
+        context.wrap_socket(raw, server_hostname=server_name) as tls,
+    ):
+        tls.sendall(f"GET /sni HTTP/1.1\r\nHost: {server_name}\r\n\r\n".encode())
+        return tls.recv(4096)
+
+
+def test_sni_passthrough_follows_the_tls_route(eg: Egress) -> None:
+    answer = _tls_get(eg, "api.example.test")
+    assert answer.startswith(b"HTTP/1.1 200") and b"api-tls" in answer
+    log = eg.gateway.log_where(lambda r: r["authority"] == f"api.example.test:{eg.sni_port}")
+    assert log["route"].startswith("VirtualService/egress/passthrough:")
+    assert log["upstream_cluster"] == "outbound|443||api.example.test"
+    assert log["upstream_host"] == f"127.0.0.5:{eg.tls.port}"
+    assert log["bytes_received"] > 0 and log["bytes_sent"] > 0
+
+
+def test_sni_passthrough_without_a_route_is_decided_by_the_registry(eg: Egress) -> None:
+    answer = _tls_get(eg, "direct.example.test")
+    assert answer.startswith(b"HTTP/1.1 200") and b"api-tls" in answer
+    log = eg.gateway.log_where(lambda r: r["authority"] == f"direct.example.test:{eg.sni_port}")
+    assert log["route"] == "ServiceEntry/egress/direct:connect"
+
+
+def test_sni_of_an_unregistered_host_is_reset_and_logged(eg: Egress) -> None:
+    with pytest.raises((ssl.SSLError, ConnectionError)):
+        _tls_get(eg, "unknown.example.test")
+    log = eg.gateway.log_where(lambda r: r["authority"] == f"unknown.example.test:{eg.sni_port}")
+    assert log["response_flags"] == "NR" and log["upstream_cluster"] == "BlackHoleCluster"
+    assert log["x_forwarded_for"] == "127.0.0.1"
+
+
+def test_tls_route_to_an_unregistered_host_is_reset(eg: Egress) -> None:
+    with pytest.raises((ssl.SSLError, ConnectionError)):
+        _tls_get(eg, "unlisted.example.test")
+    log = eg.gateway.log_where(lambda r: r["authority"] == f"unlisted.example.test:{eg.sni_port}")
+    assert log["response_flags"] == "NR"
