@@ -38,7 +38,13 @@ from dataclasses import dataclass
 from time import perf_counter
 from typing import Any
 
-from gateway.errors import ErrorSource, GatewayError, RouteNotFound, UpstreamConnectFailure
+from gateway.errors import (
+    BadRequest,
+    ErrorSource,
+    GatewayError,
+    RouteNotFound,
+    UpstreamConnectFailure,
+)
 from gateway.routing.match import pick_destination
 from gateway.routing.table import (
     Cluster,
@@ -162,28 +168,28 @@ class Egress:
         route = self._routes.get(key)
         if route is not None:
             return route
-        service = registry.lookup(host)
         destination = f"{host}:{port}"
-        if service is not None and not service.external:
-            service = None if registry.allow_any else service
-            if service is not None:
-                raise self.refuse(ctx, destination, f"{service.origin.ref} is MESH_INTERNAL")
-        if service is not None and port not in service.ports:
-            if not registry.allow_any:
-                declared = ", ".join(str(p) for p in sorted(service.ports)) or "none"
-                why = f"port {port} not declared by {service.origin.ref} ({declared})"
-                raise self.refuse(ctx, destination, why)
-            service = None
-        if service is None and not registry.allow_any:
+        service = registry.lookup(host)
+        why = ""
+        if service is None:
             why = "no ServiceEntry for this host (outboundTrafficPolicy REGISTRY_ONLY)"
-            raise self.refuse(ctx, destination, why)
-        if service is not None:
-            origin = service.origin
-            cluster_host = service.host if not service.wildcard else host
-        else:
-            origin = Origin("OutboundTrafficPolicy", "-", "ALLOW_ANY")
-            cluster_host = host
-        name = f"outbound|{port}||{cluster_host}"
+        elif not service.external:
+            why = f"{service.origin.ref} is MESH_INTERNAL: reached only by a route"
+        elif port not in service.ports:
+            declared = ", ".join(str(p) for p in sorted(service.ports)) or "none"
+            why = f"port {port} not declared by {service.origin.ref} ({declared})"
+        if why:
+            if not registry.allow_any:
+                raise self.refuse(ctx, destination, why)
+            service = None  # ALLOW_ANY: straight to what the client asked for
+        origin = (
+            service.origin
+            if service is not None
+            else Origin("OutboundTrafficPolicy", "-", "ALLOW_ANY")
+        )
+        # Named after the host asked for, not the entry's: a wildcard or a CIDR block
+        # covers many destinations, each its own cluster (SNI, endpoints, metrics).
+        name = f"outbound|{port}||{host}"
         self._targets[name] = _Target(host, port, service)
         route = Route(
             name="connect" if connect else "registry",
@@ -330,6 +336,10 @@ class EgressRouteStage(RouteStage):
 
     def on_request(self, ctx: RequestContext) -> None:
         if ctx.head.method == "CONNECT":
+            if getattr(ctx.stream, "tunnel", None) is None:
+                # HTTP/2 and HTTP/3 CONNECT (RFC 9113 8.5) is not served: their
+                # streams cannot be handed over as a byte tunnel here.
+                raise BadRequest(f"CONNECT over HTTP/{ctx.head.http_version} is not served")
             ctx.route = self.egress.registry_route(ctx, connect=True)
             return None
         try:

@@ -185,6 +185,12 @@ def _build_parser() -> argparse.ArgumentParser:
         default=5.0,
         help="one name's resolution, retries included (5)",
     )
+    egress.add_argument(
+        "--dns-min-ttl-s",
+        type=float,
+        default=0.0,
+        help="keep every DNS answer at least this long, whatever its TTL (0)",
+    )
     sub.add_parser(
         "egress",
         parents=[run],
@@ -391,6 +397,7 @@ def _egress_mode(args: argparse.Namespace) -> tuple[dict[str, str], str, object]
         outbound_traffic_policy=args.outbound_traffic_policy or REGISTRY_ONLY,
         dns_servers=tuple(args.dns_server),
         dns_timeout_s=args.dns_timeout_s,
+        dns_min_ttl_s=max(0.0, args.dns_min_ttl_s),
     )
     return dict(labels), workload, settings
 

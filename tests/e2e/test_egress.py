@@ -403,3 +403,25 @@ def test_tls_route_to_an_unregistered_host_is_reset(eg: Egress) -> None:
         _tls_get(eg, "unlisted.example.test")
     log = eg.gateway.log_where(lambda r: r["authority"] == f"unlisted.example.test:{eg.sni_port}")
     assert log["response_flags"] == "NR"
+
+
+# --------------------------------------------------------------------------- reload
+
+
+def test_a_service_entry_added_on_reload_opens_that_exit(eg: Egress) -> None:
+    response, _ = eg.get("late.example.test", "/before")
+    assert response.status_code == 502
+    (eg.config / "late.yaml").write_text(
+        "apiVersion: networking.istio.io/v1\n"
+        "kind: ServiceEntry\n"
+        "metadata: {name: late, namespace: egress}\n"
+        "spec:\n"
+        "  hosts: [late.example.test]\n"
+        "  resolution: STATIC\n"
+        f"  ports: [{{number: 80, name: http, protocol: HTTP, targetPort: {eg.plain.port}}}]\n"
+        "  endpoints: [{address: 127.0.0.7}]\n"
+    )
+    eg.gateway.wait_stderr(lambda ln: "(file change) applied" in ln)
+    response, log = eg.get("late.example.test", "/after")
+    assert response.status_code == 200 and response.headers["x-served-by"] == "plain"
+    assert log["route"] == "ServiceEntry/egress/late:registry"
