@@ -1,7 +1,10 @@
 # meshgate — every target sets up what it needs on a fresh machine.
 #   make run    start the gateway on the quickstart config with two demo backends
 #   make test   lint, format check and the whole test suite
-#   make bench  benchmarks beside nginx (installs nginx and wrk when missing)
+#   make bench  benchmarks beside nginx (installs nginx, wrk and h2load when missing)
+#               e.g. make bench SCENARIOS=plain,h2tls DUR=2 ROUNDS=1
+#   make loadtest    locust scenarios against a local gateway (reports in loadtest/results/)
+#   make microbench  pytest-benchmark timings of the router, JWT stage and local limiter
 
 PYTHON ?= $(shell for p in python3.13 python3.12 python3.11 python3; do \
 	command -v $$p >/dev/null 2>&1 && $$p -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
@@ -10,7 +13,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test lint bench clean redis-server
+.PHONY: setup run test lint bench loadtest microbench clean redis-server
 
 setup: $(STAMP)
 
@@ -39,8 +42,19 @@ redis-server:
 	else echo "make test needs redis-server: install it (apt-get install redis-server) or run as root"; exit 1; fi; \
 	$$SUDO apt-get update && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y redis-server; }
 
+# Settings such as `make bench SCENARIOS=plain DUR=2` reach the scripts through the
+# environment (make exports command-line variables); docs/benchmarks.md and
+# docs/loadtest.md list them.
 bench: setup
 	bash loadtest/bench.sh
+
+loadtest: setup redis-server
+	$(BIN)/python loadtest/run_loadtest.py
+
+microbench: setup
+	$(BIN)/python -m pytest -q tests/benchmarks --benchmark-enable \
+		--benchmark-columns=min,median,mean,stddev,rounds --benchmark-sort=name \
+		--benchmark-autosave --benchmark-storage=loadtest/results/microbench
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
