@@ -24,9 +24,6 @@ pytest.importorskip("pytest_benchmark", reason="pytest-benchmark is not installe
 from jwt_fixtures import jwks_json, mint, rsa_key
 from routing_model import LABELS, PORT, build_model, make_requests
 
-from authn.policy import compile_security
-from authn.runtime import SecurityRuntime
-from authn.stages import JwtAuthnStage
 from gateway.config import load_config
 from gateway.routing import compile_snapshot, find_virtual_host, match_route
 from gateway.server.events import RequestHead
@@ -84,7 +81,13 @@ JWT_KEY = rsa_key("bench")
 
 
 @pytest.fixture(scope="module")
-def jwt_stage(tmp_path_factory: pytest.TempPathFactory) -> tuple[JwtAuthnStage, _Snapshot]:
+def jwt_stage(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, _Snapshot]:
+    # Imported here, not at the top: a test module importing ``authn`` while pytest
+    # collects would shadow the tests/unit/authn package collected after it.
+    from authn.policy import compile_security
+    from authn.runtime import SecurityRuntime
+    from authn.stages import JwtAuthnStage
+
     directory = tmp_path_factory.mktemp("jwt")
     jwks = jwks_json(JWT_KEY).replace("'", "''")
     (directory / "ra.yaml").write_text(
@@ -97,7 +100,7 @@ def jwt_stage(tmp_path_factory: pytest.TempPathFactory) -> tuple[JwtAuthnStage, 
 
 
 def test_jwt_stage_with_a_cached_token_sets_the_principal(
-    benchmark: Any, jwt_stage: tuple[JwtAuthnStage, _Snapshot]
+    benchmark: Any, jwt_stage: tuple[Any, _Snapshot]
 ) -> None:
     """The stage as the pipeline calls it, on a fresh request head each time (the
     stage strips the token from the head); building the head and context is part
