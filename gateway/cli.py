@@ -256,7 +256,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     # backend not found) are warnings: the configuration is valid, a controller
     # would accept it and report them in status.
     warnings = list(model.warnings)
-    if model.gateway_api("Gateway") or model.gateway_api("HTTPRoute"):
+    if any(r.api_group == "gateway.networking.k8s.io" for r in model.resources):
         binding = bind_gateway_api(model, gateway_classes(args.gateway_class))
         warnings.extend(status_warnings(binding))
     _print_problems((), warnings)

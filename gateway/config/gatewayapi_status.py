@@ -236,6 +236,7 @@ class _Binder:
             # another controller means the Gateway belongs to someone else.
             if name in self.classes and ours.get(name, True):
                 self.binding.gateways.append(self._gateway(res))
+        self._port_conflicts()
         routes = [r for kind in ROUTE_KINDS for r in self.model.gateway_api(kind)]
         routes.sort(key=lambda r: self.binding.positions[id(r)])
         for res in routes:
@@ -255,6 +256,36 @@ class _Binder:
         for lb in listeners:
             self._listener(lb, by_port[lb.spec.port])
         return GatewayBinding(res, listeners)
+
+    def _port_conflicts(self) -> None:
+        """Gateways served by one process share its ports: the first Gateway (load
+        order) to serve a port decides its protocol, and a listener of a later Gateway
+        with another protocol on that port is reported and not served."""
+        taken: dict[int, tuple[str, Resource]] = {}
+        for g in self.binding.gateways:
+            for lb in g.listeners:
+                if not lb.usable:
+                    continue
+                port, protocol = lb.spec.port, lb.spec.protocol
+                first = taken.setdefault(port, (protocol, g.resource))
+                if first[0] == protocol:
+                    continue
+                owner = first[1]
+                message = (
+                    f"port {port} is already served as {first[0]} by Gateway "
+                    f"{owner.metadata.namespace}/{owner.metadata.name}"
+                )
+                lb.usable = False
+                lb.conditions = [
+                    lb.conditions[0],
+                    Condition(
+                        "Programmed", False, "Invalid", "the listener is not served", lb.path
+                    ),
+                    lb.conditions[2],
+                    Condition(
+                        "Conflicted", True, "ProtocolConflict", message, f"{lb.path}.protocol"
+                    ),
+                ]
 
     def _listener(self, lb: ListenerBinding, same_port: list[ListenerBinding]) -> None:
         spec = lb.spec
