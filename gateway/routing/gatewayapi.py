@@ -180,7 +180,10 @@ class _Translator:
         age = route_age_key(res, position)
         out: list[tuple[tuple[Any, ...], Route]] = []
         grpc = res.kind == "GRPCRoute"
-        for r, rule in enumerate(res.spec.rules):
+        # The CRD's default for an HTTPRoute without rules is one rule matching every
+        # request, with no backends: everything it attaches to answers 500.
+        rules = res.spec.rules or ([] if grpc else [gw.HTTPRouteRule()])
+        for r, rule in enumerate(rules):
             matches: list[Any] = list(rule.matches) or [None]
             for m, match in enumerate(matches):
                 if grpc:

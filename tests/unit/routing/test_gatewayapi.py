@@ -16,7 +16,7 @@ from gateway.config.gatewayapi_status import _intersect, bind_gateway_api, route
 from gateway.config.load import load_config
 from gateway.routing.compile import compile_snapshot
 from gateway.routing.match import find_virtual_host, match_route, replace_path_prefix
-from gateway.routing.table import Redirect, Route, Snapshot, StringMatcher
+from gateway.routing.table import INVALID_BACKEND_PREFIX, Redirect, Route, Snapshot, StringMatcher
 from gateway.server.events import RequestHead
 from gateway.stages import redirect_location
 
@@ -273,3 +273,10 @@ def test_unstamped_route_is_younger_than_any_stamped_one(tmp_path: Path) -> None
         for rb in binding.routes
     }
     assert keys["old"] < keys["plain"]
+
+
+def test_route_without_rules_matches_everything_and_names_no_backend(tmp_path: Path) -> None:
+    doc = _route_doc("empty", "  []").replace("  rules:\n  []", "  rules: []")
+    route = _winner(_compile(tmp_path, doc), Req("/any/path"))
+    assert route is not None
+    assert route.action.destinations[0].cluster.startswith(INVALID_BACKEND_PREFIX)
