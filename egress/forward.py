@@ -191,9 +191,16 @@ class Egress:
         # covers many destinations, each its own cluster (SNI, endpoints, metrics).
         name = f"outbound|{port}||{host}"
         self._targets[name] = _Target(host, port, service)
+        route_name = "connect" if connect else "registry"
+        ratelimit = None
+        if registry.ratelimits:
+            from ratelimit.policy import limits_for_route
+
+            ratelimit = limits_for_route(registry.ratelimits, host, route_name)
         route = Route(
-            name="connect" if connect else "registry",
+            name=route_name,
             origin=origin,
+            ratelimit=ratelimit,
             matches=(),
             action=Forward(
                 destinations=(WeightedCluster(cluster=name, weight=100),),

@@ -129,6 +129,9 @@ class EgressRegistry:
     networks: tuple[tuple[Any, ExternalService], ...]  # (ip_network, service)
     settings: EgressSettings = field(compare=False, repr=False)
     clusters: ClusterCompiler | None = field(default=None, compare=False, repr=False)
+    # ratelimit.policy.Policy of every RateLimitPolicy selecting this gateway: the
+    # routes the registry makes are limited by host as VirtualService routes are.
+    ratelimits: tuple[Any, ...] = field(default=(), compare=False, repr=False)
 
     @property
     def allow_any(self) -> bool:
@@ -178,7 +181,12 @@ def _exported_to(resource: Resource, namespace: str) -> bool:
     return any(t == namespace or (t == "." and own == namespace) for t in targets)
 
 
-def compile_registry(model: Model, settings: EgressSettings, namespace: str) -> EgressRegistry:
+def compile_registry(
+    model: Model,
+    settings: EgressSettings,
+    namespace: str,
+    gateway_labels: Mapping[str, str] | None = None,
+) -> EgressRegistry:
     """The registry of every ServiceEntry visible from ``namespace``.
 
     The first ServiceEntry (load order) to declare a host owns it, as in the routing
@@ -219,6 +227,11 @@ def compile_registry(model: Model, settings: EgressSettings, namespace: str) -> 
                 continue  # the validator reported it
     # Most specific block first, so a /32 inside a /24 of another entry wins.
     networks.sort(key=lambda item: -item[0].prefixlen)
+    ratelimits: tuple[Any, ...] = ()
+    if model.of_kind("RateLimitPolicy"):
+        from ratelimit.policy import compile_policies
+
+        ratelimits = compile_policies(model.of_kind("RateLimitPolicy"), gateway_labels or {})
     return EgressRegistry(
         policy=settings.outbound_traffic_policy,
         exact=exact,
@@ -226,6 +239,7 @@ def compile_registry(model: Model, settings: EgressSettings, namespace: str) -> 
         networks=tuple(networks),
         settings=settings,
         clusters=ClusterCompiler(model),
+        ratelimits=ratelimits,
     )
 
 
@@ -233,6 +247,6 @@ def attach_egress(
     snapshot: Snapshot, model: Model, settings: EgressSettings, namespace: str
 ) -> Snapshot:
     """``snapshot`` with its egress registry, and a version that covers it."""
-    registry = compile_registry(model, settings, namespace)
+    registry = compile_registry(model, settings, namespace, snapshot.gateway_labels)
     snapshot = dataclasses.replace(snapshot, egress=registry)
     return dataclasses.replace(snapshot, version=snapshot_content_hash(snapshot))

@@ -262,6 +262,9 @@ def uses_redis(snapshot: Any) -> list[str]:
                 limits = route.ratelimit
                 if limits is not None and not limits.local_only:
                     found.update(lim.id for lim in limits.limits if lim.backend == "redis")
+    # An egress gateway limits the routes its registry makes with these policies too.
+    for policy in getattr(getattr(snapshot, "egress", None), "ratelimits", ()):
+        found.update(lim.id for lim in policy.limits if lim.backend == "redis")
     return sorted(found)
 
 

@@ -143,6 +143,26 @@ spec:
   ports: [{{number: {sni_port}, name: tls, protocol: TLS, targetPort: {tls_port}}}]
   endpoints: [{{address: 127.0.0.5}}]
 ---
+# A metered exit: two requests a minute, per gateway.
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: metered, namespace: egress}}
+spec:
+  hosts: [metered.example.test]
+  resolution: STATIC
+  ports: [{{number: 80, name: http, protocol: HTTP, targetPort: {plain_port}}}]
+  endpoints: [{{address: 127.0.0.7}}]
+---
+apiVersion: meshgate.io/v1alpha1
+kind: RateLimitPolicy
+metadata: {{name: metered, namespace: istio-system}}
+spec:
+  selector: {{matchLabels: {{istio: egressgateway}}}}
+  hosts: [metered.example.test]
+  limits:
+  - name: all-callers
+    rate: {{requests: 2, per: minute}}
+---
 # Istio's egress routing: the gateway's half of it (the mesh half needs sidecars).
 apiVersion: networking.istio.io/v1
 kind: VirtualService
@@ -254,6 +274,15 @@ def test_mesh_internal_host_is_not_an_exit(eg: Egress) -> None:
 def test_ip_literal_without_service_entry_is_refused(eg: Egress) -> None:
     response, log = eg.get(f"127.0.0.7:{eg.plain.port}")
     assert response.status_code == 502 and log["response_flags"] == "NR"
+
+
+def test_rate_limit_policy_meters_an_exit_by_host(eg: Egress) -> None:
+    statuses = [eg.get("metered.example.test", f"/m{i}")[0].status_code for i in range(2)]
+    assert statuses == [200, 200]
+    response, log = eg.get("metered.example.test", "/m2")
+    assert response.status_code == 429 and log["response_flags"] == "RL"
+    response, _ = eg.get("plain.example.test", "/not-metered")
+    assert response.status_code == 200
 
 
 # --------------------------------------------------------------------------- TLS origination

@@ -100,3 +100,21 @@ def test_allow_any_takes_an_undeclared_port_to_the_host_asked_for(tmp_path: Path
     )
     assert route.origin.ref == "OutboundTrafficPolicy/-/ALLOW_ANY"
     assert route.action.destinations[0].cluster == "outbound|8080||db.example.test"  # type: ignore[union-attr]
+
+
+def test_redis_limit_for_registry_routes_needs_a_redis_url(tmp_path: Path) -> None:
+    from ratelimit.limiter import LimiterSettings, snapshot_problem
+
+    (tmp_path / "limit.yaml").write_text(
+        "apiVersion: meshgate.io/v1alpha1\n"
+        "kind: RateLimitPolicy\n"
+        "metadata: {name: exits, namespace: istio-system}\n"
+        "spec:\n"
+        "  hosts: [db.example.test]\n"
+        "  limits:\n"
+        "  - {name: shared, rate: {requests: 5, per: second}, backend: redis}\n"
+    )
+    snapshot = _snapshot(tmp_path)
+    problem = snapshot_problem(snapshot, LimiterSettings())
+    assert problem is not None and "istio-system/exits/shared" in problem
+    assert snapshot_problem(snapshot, LimiterSettings("redis://127.0.0.1:6379/0")) is None
