@@ -242,9 +242,8 @@ def _print_problems(errors: Sequence[object], warnings: Sequence[object]) -> Non
 
 def _cmd_validate(args: argparse.Namespace) -> int:
     from .config import ConfigErrors
-    from .config.gatewayapi_status import bind_gateway_api, status_warnings
     from .config.load import load_config
-    from .runtime import gateway_classes
+    from .runtime import with_gateway_api_warnings
 
     try:
         model = load_config(args.paths)
@@ -255,10 +254,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     # Gateway API conditions that are not as they should be (a route not attached, a
     # backend not found) are warnings: the configuration is valid, a controller
     # would accept it and report them in status.
-    warnings = list(model.warnings)
-    if any(r.api_group == "gateway.networking.k8s.io" for r in model.resources):
-        binding = bind_gateway_api(model, gateway_classes(args.gateway_class))
-        warnings.extend(status_warnings(binding))
+    warnings = list(with_gateway_api_warnings(model, args.gateway_class).warnings)
     _print_problems((), warnings)
     count = len(model.resources)
     print(f"{count} resource{'s' if count != 1 else ''} valid, {len(warnings)} warnings")

@@ -107,12 +107,25 @@ def gateway_classes(text: str) -> tuple[str, ...]:
     return tuple(name.strip() for name in text.split(",") if name.strip())
 
 
+def with_gateway_api_warnings(model: Model, classes: str) -> Model:
+    """The model with its Gateway API status problems (a route not attached, a backend
+    not found) added as warnings, so start-up and reloads report them as validate does."""
+    if not any(r.api_group == "gateway.networking.k8s.io" for r in model.resources):
+        return model
+    from dataclasses import replace
+
+    from .config.gatewayapi_status import bind_gateway_api, status_warnings
+
+    found = status_warnings(bind_gateway_api(model, gateway_classes(classes)))
+    return replace(model, warnings=(*model.warnings, *found)) if found else model
+
+
 def build_snapshot(options: RunOptions) -> tuple[Model, Snapshot]:
     """Load, validate and compile; raises ``ConfigErrors`` with every problem."""
     from .config.load import load_config
     from .routing.compile import compile_snapshot
 
-    model = load_config(list(options.paths))
+    model = with_gateway_api_warnings(load_config(list(options.paths)), options.gateway_class)
     snapshot = compile_snapshot(
         model,
         dict(options.labels),

@@ -262,6 +262,26 @@ spec:
           set: [{{name: X-Backend, value: a}}]
   - backendRefs: [{{name: a, port: 80}}]
 ---
+# Istio resources in the same configuration, on the same port: one listener serves both.
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {{name: istio-edge, namespace: lab}}
+spec:
+  servers:
+  - port: {{number: {http}, name: http, protocol: HTTP}}
+    hosts: [istio.test]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: istio-routes, namespace: lab}}
+spec:
+  hosts: [istio.test]
+  gateways: [istio-edge]
+  http:
+  - route:
+    - destination: {{host: a.lab.svc.cluster.local, port: {{number: 80}}}}
+      headers: {{response: {{set: {{x-via: virtualservice}}}}}}
+---
 apiVersion: gateway.networking.k8s.io/v1
 kind: GRPCRoute
 metadata: {{name: greeter, namespace: lab}}
@@ -548,7 +568,29 @@ def test_grpc_route_matches_service_and_method_over_http2(lab: Lab) -> None:
     assert miss.status_code == 404
 
 
+# --------------------------------------------------------------------------- mixing
+
+
+def test_istio_and_gateway_api_resources_share_one_listener(lab: Lab) -> None:
+    istio = lab.get("istio.test", "/")
+    assert _served_by(istio) == "a"
+    assert istio.headers["x-via"] == "virtualservice"
+    assert _served_by(lab.get("prec.test", "/p/x")) == "a"
+    dump = httpx.get(f"http://127.0.0.1:{lab.admin}/routes", timeout=10).json()
+    (listener,) = [item for item in dump["listeners"] if item["port"] == lab.http]
+    kinds = {
+        route["origin"]["kind"] for vhost in listener["virtualHosts"] for route in vhost["routes"]
+    }
+    assert kinds == {"VirtualService", "HTTPRoute", "GRPCRoute"}
+
+
 # --------------------------------------------------------------------------- status
+
+
+def test_start_up_prints_status_problems_as_warnings(lab: Lab) -> None:
+    line = lab.gateway.wait_stderr(lambda ln: "NoMatchingListenerHostname" in ln)
+    assert line.startswith("warning: ")
+    assert "HTTPRoute lab/elsewhere: spec.hostnames: Accepted=False" in line
 
 
 def test_admin_serves_gateway_status_with_the_spec_reasons(lab: Lab) -> None:
