@@ -177,11 +177,18 @@ def _labels_match(selector: WorkloadSelector | None, labels: Mapping[str, str]) 
     return all(labels.get(k) == v for k, v in selector.match_labels.items())
 
 
-def _gateways_selecting(model: Model, labels: Mapping[str, str]) -> set[tuple[str, str]]:
+def _gateways_selecting(
+    model: Model, labels: Mapping[str, str], gateway_classes: Sequence[str] = ("meshgate",)
+) -> set[tuple[str, str]]:
     found: set[tuple[str, str]] = set()
     for resource in model.of_kind("Gateway"):
         selector = getattr(resource.spec, "selector", None) or {}
         if all(labels.get(k) == v for k, v in selector.items()):
+            found.add((resource.metadata.namespace, resource.metadata.name))
+    # A Gateway API Gateway this process serves is a target too, as Istio binds a
+    # targetRef to the Kubernetes Gateway it names.
+    for resource in model.gateway_api("Gateway"):
+        if resource.spec.gateway_class_name in gateway_classes:
             found.add((resource.metadata.namespace, resource.metadata.name))
     return found
 
@@ -252,10 +259,14 @@ def compile_jwt_rule(resource: Resource, index: int, rule: JWTRule) -> JwtRule:
 
 
 def compile_security(
-    model: Model, labels: Mapping[str, str], namespace: str = ROOT_NAMESPACE
+    model: Model,
+    labels: Mapping[str, str],
+    namespace: str = ROOT_NAMESPACE,
+    gateway_classes: Sequence[str] = ("meshgate",),
 ) -> SecurityPolicy | None:
-    """The policy bound to a gateway with ``labels`` in ``namespace``; None if none."""
-    gateways = _gateways_selecting(model, labels)
+    """The policy bound to a gateway with ``labels`` in ``namespace`` (serving the
+    Gateway API ``gateway_classes``); None if none."""
+    gateways = _gateways_selecting(model, labels, gateway_classes)
 
     def bound(kind: str) -> list[Resource]:
         found = [r for r in model.of_kind(kind) if binds_to_gateway(r, labels, namespace, gateways)]

@@ -140,7 +140,7 @@ def compile_snapshot(
         if model.of_kind("RequestAuthentication") or model.of_kind("AuthorizationPolicy"):
             from authn.policy import compile_security
 
-            security = compile_security(model, gateway_labels, namespace)
+            security = compile_security(model, gateway_labels, namespace, gateway_classes)
             snapshot = dataclasses.replace(snapshot, security=security)
         if model.of_kind("RateLimitPolicy"):
             from ratelimit.policy import attach_rate_limits

@@ -282,6 +282,15 @@ spec:
     - destination: {{host: a.lab.svc.cluster.local, port: {{number: 80}}}}
       headers: {{response: {{set: {{x-via: virtualservice}}}}}}
 ---
+# Istio policy bound to the Gateway API Gateway by targetRef, as Istio binds it.
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: lab-deny, namespace: lab}}
+spec:
+  targetRefs: [{{kind: Gateway, group: gateway.networking.k8s.io, name: lab}}]
+  action: DENY
+  rules: [{{to: [{{operation: {{paths: [/forbidden]}}}}]}}]
+---
 apiVersion: gateway.networking.k8s.io/v1
 kind: GRPCRoute
 metadata: {{name: greeter, namespace: lab}}
@@ -582,6 +591,11 @@ def test_istio_and_gateway_api_resources_share_one_listener(lab: Lab) -> None:
         route["origin"]["kind"] for vhost in listener["virtualHosts"] for route in vhost["routes"]
     }
     assert kinds == {"VirtualService", "HTTPRoute", "GRPCRoute"}
+
+
+def test_authorization_policy_binds_to_a_gateway_api_gateway_by_target_ref(lab: Lab) -> None:
+    assert lab.get("traffic.test", "/forbidden").status_code == 403
+    assert _served_by(lab.get("traffic.test", "/allowed")) == "a"
 
 
 # --------------------------------------------------------------------------- status
