@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Coroutine
 from time import perf_counter
 from typing import Any, Protocol
 
@@ -133,31 +134,96 @@ class Pipeline:
                     break
             else:
                 await self.upstream.forward(ctx)
-        except GatewayError as error:
-            await self._fail(ctx, error)
-        except (asyncio.CancelledError, StreamReset):
+        except (Exception, asyncio.CancelledError) as exc:
+            await self._recover(ctx, exc)
+        finally:
+            self._complete(ctx)
+
+    __call__ = handle
+
+    def start(self, stream: DownstreamStream) -> None:
+        """The same request handling driven by callbacks, for an adapter whose stream
+        has ``run(coroutine)`` (HTTP/1.1). The stages are synchronous; a bodiless
+        request on an idle pooled connection is written upstream and answered from
+        the upstream's callback (``UpstreamStage.start``): no task, no future. From
+        the first thing that must wait (an async stage, a local reply, a refusal, a
+        new connection, a streamed body, a failure) the request continues as a
+        coroutine in a task, exactly as ``handle`` would have run it."""
+        ctx = RequestContext(stream, self.snapshots.current, perf_counter(), time.time())
+        try:
+            rejection = stream.rejection  # type: ignore[attr-defined]
+            if rejection is not None:
+                raise rejection
+            for index, stage in enumerate(self.stages):
+                reply = stage.on_request(ctx)
+                if reply is not None:
+                    self._resume(ctx, self._after_stage(ctx, index, reply))
+                    return
+            if not self.upstream.start(ctx, self._complete, self._resume):
+                self._resume(ctx, self.upstream.forward(ctx))
+        except Exception as exc:
+            self._resume(ctx, _raise(exc))
+
+    def _resume(self, ctx: RequestContext, step: Coroutine[Any, Any, None]) -> None:
+        ctx.stream.run(self._guard(ctx, step))  # type: ignore[attr-defined]
+
+    async def _guard(self, ctx: RequestContext, step: Coroutine[Any, Any, None]) -> None:
+        """What ``handle`` wraps around the stages, around the rest of a request."""
+        try:
+            await step
+        except (Exception, asyncio.CancelledError) as exc:
+            await self._recover(ctx, exc)
+        finally:
+            self._complete(ctx)
+
+    async def _after_stage(self, ctx: RequestContext, index: int, reply: Any) -> None:
+        """Go on after stage ``index`` answered ``reply`` (a LocalReply, or the
+        coroutine of an async stage)."""
+        if reply.__class__ is not LocalReply:
+            reply = await reply
+            if reply is None:
+                for stage in self.stages[index + 1 :]:
+                    reply = stage.on_request(ctx)
+                    if reply is not None:
+                        if reply.__class__ is not LocalReply:
+                            reply = await reply
+                            if reply is None:
+                                continue
+                        break
+                else:
+                    await self.upstream.forward(ctx)
+                    return
+        await self._reply(ctx, reply)
+
+    async def _recover(self, ctx: RequestContext, exc: BaseException) -> None:
+        if isinstance(exc, GatewayError):
+            await self._fail(ctx, exc)
+        elif isinstance(exc, (asyncio.CancelledError, StreamReset)):
             # The client went away (the HTTP/1.1 adapter cancels the request, HTTP/2
             # raises StreamReset): nothing can be answered, only logged.
             ctx.add_flag("DC")
-        except Exception as exc:
+        else:
             route = ctx.route.origin.ref if ctx.route is not None else "-"
             log.error("unhandled error on route %s: %r", route, exc, exc_info=exc)
             await self._fail(ctx, InternalError(repr(exc)))
-        finally:
-            now = perf_counter()
-            self.access_log.log(ctx, now)
-            if self.metrics is not None:
-                self.metrics.record(
-                    ctx.upstream_cluster,
-                    ctx.status,
-                    ctx.flags,
-                    (now - ctx.start) * 1000.0,
-                    ctx.bytes_received,
-                    ctx.bytes_sent,
-                )
-            if self.exporter is not None:
-                route = ctx.route
-                self.exporter.finish(ctx, ctx.status, route.origin.ref if route else "-")
+
+    def _complete(self, ctx: RequestContext) -> None:
+        """Exactly once per request, whatever happened: the access-log line, the
+        request metrics and the span."""
+        now = perf_counter()
+        self.access_log.log(ctx, now)
+        if self.metrics is not None:
+            self.metrics.record(
+                ctx.upstream_cluster,
+                ctx.status,
+                ctx.flags,
+                (now - ctx.start) * 1000.0,
+                ctx.bytes_received,
+                ctx.bytes_sent,
+            )
+        if self.exporter is not None:
+            route = ctx.route
+            self.exporter.finish(ctx, ctx.status, route.origin.ref if route else "-")
 
     async def _reply(self, ctx: RequestContext, reply: LocalReply) -> None:
         headers = finish_response_headers(ctx, reply.headers)
@@ -184,3 +250,8 @@ class Pipeline:
                 await ctx.send_head(head, True)
         except (StreamReset, asyncio.CancelledError):
             ctx.add_flag("DC")
+
+
+async def _raise(error: BaseException) -> None:
+    """A coroutine that fails with ``error``, for ``_guard`` to answer and log."""
+    raise error

@@ -256,7 +256,7 @@ async def _serve_worker(
         **services.pipeline_kwargs(),
         **egress_kwargs,
     )
-    listeners = ListenerSet(pipeline.handle, settings, options.address)
+    listeners = ListenerSet(pipeline, settings, options.address)
     if egress_runtime is not None:
         listeners.passthrough = egress_runtime.passthrough(snapshot_ref)
     tls_listeners = [
@@ -312,7 +312,7 @@ async def _serve_worker(
     from .server.http3 import start_http3
 
     http3 = await start_http3(
-        pipeline.handle,
+        pipeline,
         settings,
         options.address,
         tls_listeners,

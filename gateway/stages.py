@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from operator import itemgetter
 from time import perf_counter
@@ -49,7 +50,7 @@ from .routing.table import (
 from .server.altsvc import ADVERTISED, add_alt_svc
 from .server.events import DownstreamStream, RequestHead, ResponseHead
 from .traffic import TrafficForwarder
-from .upstream.pool import UpstreamConnection, UpstreamPools
+from .upstream.pool import EndpointPool, UpstreamConnection, UpstreamPools
 
 __all__ = [
     "ActionStage",
@@ -170,6 +171,16 @@ class RequestContext:
         else:
             await self.stream.send_head(head, False)
             await self.stream.send_body(body, True)
+        self.bytes_sent += len(body)
+
+    def write_whole(self, head: ResponseHead, body: bytes) -> None:
+        """``send_whole`` without a coroutine, on a stream that has
+        ``write_response`` (HTTP/1.1; the callback-driven exchange only)."""
+        self.status = head.status
+        self.response_started = True
+        if ADVERTISED:
+            add_alt_svc(self.head, head)
+        self.stream.write_response(head, body)  # type: ignore[attr-defined]
         self.bytes_sent += len(body)
 
 
@@ -606,7 +617,56 @@ class UpstreamStage:
             self, pools, credentials_dir=getattr(pools, "credentials_dir", None)
         )
 
-    async def forward(self, ctx: RequestContext) -> None:
+    def start(
+        self,
+        ctx: RequestContext,
+        complete: Callable[[RequestContext], None],
+        resume: Callable[[RequestContext, Coroutine[Any, Any, None]], None],
+    ) -> bool:
+        """The callback-driven exchange, for the common case: no request body, a lean
+        route and cluster, an idle pooled connection. The request is written now and
+        the response is answered from the upstream's ``data_received``: no task, no
+        future, no coroutine frames. Whatever needs to wait differently (a new
+        connection, a streamed response body, a failure, a timeout) continues as a
+        coroutine through ``resume(ctx, coroutine)``; ``complete(ctx)`` is called
+        when the exchange ended here. Returns False, having done nothing, when the
+        request needs ``forward`` from the start."""
+        cluster = ctx.snapshot.clusters.get(ctx.destination.cluster)  # type: ignore[union-attr]
+        stream = ctx.stream
+        if (
+            cluster is None
+            or cluster.traffic is not None
+            or ctx.route.traffic is not None  # type: ignore[union-attr]
+            or not stream.body_complete()
+            or getattr(stream, "tunnel", None) is not None
+        ):
+            return False
+        pools = self.pools
+        pool = pools.pool_for(pools.pick_endpoint(cluster))
+        conn = pool.take_idle()
+        if conn is None:
+            resume(ctx, self.forward(ctx, pool))
+            return True
+        ctx.upstream_cluster = cluster.name
+        ctx.upstream_host = pool.host_label
+        head = ctx.head
+        head_only = head.method == "HEAD"
+        exchange = _Exchange(self, ctx, conn, pool, head_only, complete, resume)
+        conn.begin(head_only)
+        conn.notify = exchange.on_upstream
+        stream.canceller = exchange.on_client_gone  # type: ignore[attr-defined]
+        timeout_s = ctx.forward.timeout_s  # type: ignore[union-attr]
+        if timeout_s:
+            exchange.timer = conn.loop.call_later(timeout_s, exchange.on_timeout)
+        conn.write(_request_bytes(head, True))
+        return True
+
+    async def forward(
+        self, ctx: RequestContext, pool: EndpointPool | None = None, retry: bool = True
+    ) -> None:
+        """The general exchange. ``pool``: the endpoint already chosen (``start``
+        handing over); ``retry`` False when a stale pooled connection has already
+        had its one retry."""
         snapshot = ctx.snapshot
         destination = ctx.destination
         assert snapshot is not None and destination is not None and ctx.forward is not None
@@ -624,7 +684,8 @@ class UpstreamStage:
             return await self.traffic.forward(ctx, cluster)
         ctx.upstream_cluster = cluster.name
         pools = self.pools
-        pool = pools.pool_for(pools.pick_endpoint(cluster))
+        if pool is None:
+            pool = pools.pool_for(pools.pick_endpoint(cluster))
         ctx.upstream_host = pool.host_label
         head = ctx.head
         head_only = head.method == "HEAD"
@@ -635,11 +696,11 @@ class UpstreamStage:
             if timeout_s:
                 try:
                     async with asyncio.timeout(timeout_s):
-                        conn, sent_all = await self._exchange(ctx, pool, head, head_only)
+                        conn, sent_all = await self._exchange(ctx, pool, head, head_only, retry)
                 except TimeoutError as exc:
                     raise UpstreamTimeout(f"no response head within {timeout_s}s") from exc
             else:
-                conn, sent_all = await self._exchange(ctx, pool, head, head_only)
+                conn, sent_all = await self._exchange(ctx, pool, head, head_only, retry)
             status = conn.status
             ctx.upstream_ms = (perf_counter() - started) * 1000.0
             response = ResponseHead(status, self._response_headers(ctx, conn.headers))
@@ -655,16 +716,7 @@ class UpstreamStage:
                 else:
                     await ctx.send_head(response, True)
             else:
-                await ctx.send_head(response, False)
-                while True:
-                    data = await conn.read_body()
-                    done = conn.message_done and not conn.chunks
-                    if not data:
-                        await ctx.send_body(b"", True)
-                        break
-                    await ctx.send_body(data, done)
-                    if done:
-                        break
+                await self._relay(ctx, conn, response)
             if sent_all:
                 conn.finish()
             else:
@@ -674,8 +726,40 @@ class UpstreamStage:
             if conn is not None:
                 conn.close()
 
+    async def _relay(
+        self, ctx: RequestContext, conn: UpstreamConnection, response: ResponseHead
+    ) -> None:
+        """The response head, then its body as the upstream delivers it."""
+        await ctx.send_head(response, False)
+        while True:
+            data = await conn.read_body()
+            done = conn.message_done and not conn.chunks
+            if not data:
+                await ctx.send_body(b"", True)
+                break
+            await ctx.send_body(data, done)
+            if done:
+                break
+
+    async def _relay_rest(
+        self, ctx: RequestContext, conn: UpstreamConnection, response: ResponseHead
+    ) -> None:
+        """The rest of a callback-driven exchange whose body is still coming."""
+        try:
+            await self._relay(ctx, conn, response)
+            conn.finish()
+            conn = None  # type: ignore[assignment]
+        finally:
+            if conn is not None:
+                conn.close()
+
     async def _exchange(
-        self, ctx: RequestContext, pool: object, head: RequestHead, head_only: bool
+        self,
+        ctx: RequestContext,
+        pool: object,
+        head: RequestHead,
+        head_only: bool,
+        retry: bool = True,
     ) -> tuple[UpstreamConnection, bool]:
         """Connect (or reuse), send the request, wait for the response head."""
         pools = self.pools
@@ -683,7 +767,7 @@ class UpstreamStage:
         no_body = stream.body_complete()
         request = _request_bytes(head, no_body)
         chunked = not no_body and head.header("content-length") is None
-        for attempt in (0, 1):
+        for attempt in (0, 1) if retry else (1,):
             # An idle pooled connection is taken without a coroutine hop; only a new
             # connection needs to await.
             conn = pool.take_idle()  # type: ignore[attr-defined]
@@ -760,6 +844,106 @@ class UpstreamStage:
         if named:
             headers = [item for item in headers if item[0] not in named]
         return finish_response_headers(ctx, headers)
+
+
+class _Exchange:
+    """One callback-driven upstream exchange (``UpstreamStage.start``)."""
+
+    __slots__ = (
+        "complete",
+        "conn",
+        "ctx",
+        "head_only",
+        "pool",
+        "resume",
+        "stage",
+        "started",
+        "timer",
+    )
+
+    def __init__(
+        self,
+        stage: UpstreamStage,
+        ctx: RequestContext,
+        conn: UpstreamConnection,
+        pool: EndpointPool,
+        head_only: bool,
+        complete: Callable[[RequestContext], None],
+        resume: Callable[[RequestContext, Coroutine[Any, Any, None]], None],
+    ) -> None:
+        self.stage = stage
+        self.ctx = ctx
+        self.conn = conn
+        self.pool = pool
+        self.head_only = head_only
+        self.complete = complete
+        self.resume = resume
+        self.started = perf_counter()
+        self.timer: asyncio.TimerHandle | None = None
+
+    def on_upstream(self) -> None:
+        """The response head is in, or the exchange failed before it."""
+        timer = self.timer
+        if timer is not None:
+            self.timer = None
+            timer.cancel()
+        ctx = self.ctx
+        conn = self.conn
+        ctx.stream.canceller = None  # type: ignore[attr-defined]
+        if not conn.head_done:
+            conn.close()
+            if not conn.received_any:
+                # A pooled connection the upstream had closed while idle: the request
+                # never reached it, so it gets one retry, as ``_exchange`` gives.
+                self.resume(ctx, self.stage.forward(ctx, self.pool, retry=False))
+            else:
+                self.resume(ctx, _raise(conn.error or UpstreamReset("no response head")))
+            return
+        try:
+            ctx.upstream_ms = (perf_counter() - self.started) * 1000.0
+            response = ResponseHead(conn.status, self.stage._response_headers(ctx, conn.headers))
+            if not (self.head_only or conn.message_done):
+                self.resume(ctx, self.stage._relay_rest(ctx, conn, response))
+                return
+            body = b"" if self.head_only else conn.take_body()
+        except Exception as exc:  # a bug: the pipeline answers 500 and logs it
+            conn.close()
+            self.resume(ctx, _raise(exc))
+            return
+        conn.finish()  # first: a pipelined request started by the write can reuse it
+        try:
+            ctx.write_whole(response, body)
+        except Exception as exc:  # the client went away (StreamReset)
+            self.resume(ctx, _raise(exc))
+            return
+        self.complete(ctx)
+
+    def on_timeout(self) -> None:
+        self.timer = None
+        conn = self.conn
+        conn.notify = None
+        conn.close()
+        ctx = self.ctx
+        ctx.stream.canceller = None  # type: ignore[attr-defined]
+        timeout_s = ctx.forward.timeout_s  # type: ignore[union-attr]
+        self.resume(ctx, _raise(UpstreamTimeout(f"no response head within {timeout_s}s")))
+
+    def on_client_gone(self) -> None:
+        timer = self.timer
+        if timer is not None:
+            self.timer = None
+            timer.cancel()
+        conn = self.conn
+        conn.notify = None
+        conn.close()
+        self.ctx.add_flag("DC")
+        self.complete(self.ctx)
+
+
+async def _raise(error: BaseException) -> None:
+    """A coroutine that fails with ``error``: hands a failure met in a callback to
+    the pipeline's coroutine path, which answers and logs it."""
+    raise error
 
 
 def finish_response_headers(

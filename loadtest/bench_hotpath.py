@@ -214,7 +214,7 @@ async def measure(pipeline: Pipeline, pools: UpstreamPools, snapshot: Any, n: in
     run = Run(loop, n)
     clients = []
     for _ in range(CONNS):
-        conn = HTTP1Connection(pipeline.handle, settings, PORT, "http")
+        conn = HTTP1Connection(pipeline, settings, PORT, "http")
         client = Client(run, conn)
         conn.connection_made(client)  # type: ignore[arg-type]
         clients.append(client)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import httptools
@@ -96,6 +97,7 @@ class H1Stream:
         "body_done",
         "body_error",
         "buffered",
+        "canceller",
         "chunks",
         "close_after",
         "conn",
@@ -131,6 +133,9 @@ class H1Stream:
         self._pending: bytes | None = None
         self._body_waiter: asyncio.Future[None] | None = None
         self.task: asyncio.Task[None] | None = None
+        # Set while a callback-driven exchange (no task) waits on the upstream:
+        # called when the client goes away, as cancelling the task would be.
+        self.canceller: Callable[[], None] | None = None
         # An Upgrade (WebSocket) request: the bytes read after its head, kept for the
         # tunnel. None for every other request.
         self.tunnel: bytearray | None = None
@@ -200,6 +205,15 @@ class H1Stream:
     async def send_response(self, response: ResponseHead, body: bytes) -> None:
         """Head and whole body at once: one write, no deferred flush (fast path
         used by the pipeline when the upstream's body is already complete)."""
+        self.write_response(response, body)
+
+    def write_response(self, response: ResponseHead, body: bytes) -> None:
+        """``send_response`` without a coroutine, for the callback-driven exchange;
+        an empty ``body`` is a response without one."""
+        if not body:
+            self.conn.write(self._encode_head(response, True))
+            self._complete()
+            return
         data = self._encode_head(response, False)
         if body and self.mode != _NONE:
             data += b"%x\r\n%b\r\n0\r\n\r\n" % (len(body), body) if self.mode == _CHUNKED else body
@@ -304,6 +318,11 @@ class H1Stream:
 
     # -- completion ---------------------------------------------------------------
 
+    def run(self, handler: Coroutine[Any, Any, None]) -> None:
+        """Run (the rest of) this request's handling in a task of its own."""
+        task = self.task = self.conn.loop.create_task(handler)
+        task.add_done_callback(self._handler_done)
+
     def _handler_done(self, task: asyncio.Task[None]) -> None:
         # Safety net: a handler that returned (or died) without finishing its
         # response must not leave the connection hanging.
@@ -327,6 +346,9 @@ class HTTP1Connection(asyncio.Protocol):
         on_close: Any = None,
     ) -> None:
         self.handler = handler
+        # A handler that can also run a request without a task of its own (the
+        # pipeline's callback-driven lane) offers ``start(stream)``.
+        self._fast_start = getattr(handler, "start", None)
         self.settings = settings
         self.port = port
         self.scheme = scheme
@@ -424,6 +446,10 @@ class HTTP1Connection(asyncio.Protocol):
                 # The pipeline may be waiting on the upstream: cancelling is how it
                 # learns the client is gone (it logs DC and releases the upstream).
                 task.cancel("downstream disconnected")
+            canceller = active.canceller
+            if canceller is not None and not active.response_done:
+                active.canceller = None
+                canceller()
         self._queue.clear()
         if self.on_close is not None:
             self.on_close(self)
@@ -676,11 +702,19 @@ class HTTP1Connection(asyncio.Protocol):
 
     def _start(self, stream: H1Stream) -> None:
         self._active = stream
+        fast_start = self._fast_start
+        if fast_start is not None and stream.body_done:
+            # The pipeline runs the request from callbacks, and makes a task only
+            # for what must wait (see ``Pipeline.start``). Not for a request with
+            # a body: its task starts on the next loop tick, after the rest of this
+            # read is parsed, so a framing error in the body is seen before
+            # anything is forwarded.
+            fast_start(stream)
+            return
         # The handler's coroutine is the task itself (no wrapping coroutine whose
         # frame every suspension and resumption would pass through); the safety
         # net runs as a done callback instead.
-        task = stream.task = self.loop.create_task(self.handler(stream))  # type: ignore[arg-type]
-        task.add_done_callback(stream._handler_done)
+        stream.run(self.handler(stream))  # type: ignore[arg-type]
 
     def response_complete(self, stream: H1Stream) -> None:
         """Called by the stream when its last byte has been written."""

@@ -433,19 +433,37 @@ def _identified(handler: RequestHandler, identity: PeerIdentity | None) -> Reque
     """The request handler for one TLS connection: attaches the client identity and,
     as Envoy's ``SANITIZE_SET`` does on Istio gateways, replaces any
     ``x-forwarded-client-cert`` the client sent (with ours under mutual TLS)."""
-    xfcc = xfcc_value(identity) if identity is not None else None
+    return _IdentifiedHandler(handler, identity)
 
-    async def handle(stream: DownstreamStream) -> None:
+
+class _IdentifiedHandler:
+    """``_identified``'s handler; offers ``start`` (the pipeline's callback-driven
+    lane) when the handler it wraps does."""
+
+    def __init__(self, handler: RequestHandler, identity: PeerIdentity | None) -> None:
+        self._handler = handler
+        self._identity = identity
+        self._xfcc = xfcc_value(identity) if identity is not None else None
+        if getattr(handler, "start", None) is None:
+            self.start = None  # the adapter then runs every request in a task
+
+    def _prepare(self, stream: DownstreamStream) -> None:
         head = stream.head
+        xfcc = self._xfcc
         if xfcc is not None or head.header(_XFCC) is not None:
             head.headers = [(n, v) for n, v in head.headers if n != _XFCC]
             if xfcc is not None:
                 head.headers.append((_XFCC, xfcc))
             head.invalidate()
-        head.peer_identity = identity
-        await handler(stream)
+        head.peer_identity = self._identity
 
-    return handle
+    async def __call__(self, stream: DownstreamStream) -> None:
+        self._prepare(stream)
+        await self._handler(stream)
+
+    def start(self, stream: DownstreamStream) -> None:
+        self._prepare(stream)
+        self._handler.start(stream)  # type: ignore[attr-defined]
 
 
 # --------------------------------------------------------------------------- passthrough

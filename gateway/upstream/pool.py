@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
+from collections.abc import Callable
 
 import httptools
 
@@ -62,6 +63,7 @@ class UpstreamConnection(asyncio.Protocol):
         "keep_alive",
         "loop",
         "message_done",
+        "notify",
         "parser",
         "pool",
         "received_any",
@@ -103,6 +105,9 @@ class UpstreamConnection(asyncio.Protocol):
         self._interim = False
         self._head_waiter: asyncio.Future[None] | None = None
         self._body_waiter: asyncio.Future[None] | None = None
+        # The callback-driven exchange (``stages.UpstreamStage.start``): called once,
+        # when the response head is in or the exchange has failed.
+        self.notify: Callable[[], None] | None = None
 
     # -- asyncio.Protocol -------------------------------------------------------------
 
@@ -117,6 +122,10 @@ class UpstreamConnection(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             self._fail(UpstreamProtocolError(f"unparsable response: {exc}"))
             self.close()
+        notify = self.notify
+        if notify is not None and (self.head_done or self.error is not None):
+            self.notify = None
+            notify()
 
     def eof_received(self) -> bool:
         return False  # close the transport; connection_lost does the bookkeeping
@@ -133,6 +142,10 @@ class UpstreamConnection(asyncio.Protocol):
         waiter = self._drain_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+        notify = self.notify
+        if notify is not None:
+            self.notify = None
+            notify()
 
     def pause_writing(self) -> None:
         self._write_paused = True

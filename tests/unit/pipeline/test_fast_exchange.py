@@ -1,0 +1,386 @@
+"""The callback-driven exchange (``Pipeline.start`` / ``UpstreamStage.start``) on real
+sockets: every way it can leave its lane ends as the coroutine path would have.
+
+One in-process gateway (the real ``HTTP1Connection``, ``Pipeline`` and pools, on a
+127.0.0.1 listener) in front of a scripted asyncio backend. The first request on a
+client connection opens the upstream connection (the coroutine path); the requests
+after it find that connection idle in the pool and take the callback-driven lane,
+which is what these tests are about.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import struct
+import tempfile
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from gateway.config.load import load_config
+from gateway.pipeline import Pipeline
+from gateway.routing.compile import compile_snapshot
+from gateway.runtime import SnapshotRef
+from gateway.server.http1 import HTTP1Connection
+from gateway.server.settings import ServerSettings
+from gateway.telemetry import AccessLog
+from gateway.upstream.pool import UpstreamPools
+
+CONFIG = """\
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {{name: gw}}
+spec:
+  selector: {{istio: ingressgateway}}
+  servers:
+    - port: {{number: 8080, name: http, protocol: HTTP}}
+      hosts: ["*"]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: backend}}
+spec:
+  hosts: [backend.test.local]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports:
+    - {{number: 80, name: http, protocol: HTTP}}
+  endpoints:
+    - address: 127.0.0.1
+      ports: {{http: {port}}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: vs}}
+spec:
+  hosts: ["*"]
+  gateways: [gw]
+  http:
+    - name: slow
+      match: [{{uri: {{prefix: /slow}}}}]
+      timeout: 0.2s
+      route: [{{destination: {{host: backend.test.local, port: {{number: 80}}}}}}]
+    - name: all
+      route: [{{destination: {{host: backend.test.local, port: {{number: 80}}}}}}]
+"""
+
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+
+class Backend:
+    """A keep-alive HTTP/1.1 server whose answer depends on the request path."""
+
+    def __init__(self) -> None:
+        self.requests: list[bytes] = []
+        self.connections = 0
+        self.release = asyncio.Event()  # lets a held response (/slow, /hold, /stream) go
+        self.holding = asyncio.Event()  # set when a /hold request has arrived
+        self.server: asyncio.Server | None = None
+        self.port = 0
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        drop_next = False
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                path = head.split(b" ", 2)[1]
+                if drop_next:
+                    # Closed "while idle" as far as the gateway can tell: the request
+                    # is dropped unanswered, no byte of a response sent.
+                    self.requests.append(b"dropped " + path)
+                    writer.transport.abort()
+                    return
+                self.requests.append(path)
+                if path == b"/close-idle":
+                    drop_next = True
+                    writer.write(OK)
+                    await writer.drain()
+                    continue
+                if path == b"/reset":
+                    writer.transport.abort()
+                    return
+                if path.startswith(b"/slow"):
+                    await self.release.wait()
+                    writer.write(OK)
+                elif path == b"/hold":
+                    self.holding.set()
+                    await self.release.wait()
+                    writer.write(OK)
+                elif path == b"/stream":
+                    # The body only once the client has the head: the gateway must
+                    # have passed the head on before any of the body existed.
+                    writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+                    await writer.drain()
+                    await self.release.wait()
+                    for piece in (b"first-", b"second-", b"third"):
+                        writer.write(b"%x\r\n%b\r\n" % (len(piece), piece))
+                    writer.write(b"0\r\n\r\n")
+                elif path == b"/head":
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n")
+                else:
+                    writer.write(OK)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    async def stop(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        self.release.set()
+
+
+class Gateway:
+    def __init__(self, pipeline: Pipeline, log_path: Path) -> None:
+        self.pipeline = pipeline
+        self.log_path = log_path
+        self.server: asyncio.Server | None = None
+        self.port = 0
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        settings = ServerSettings()
+        self.server = await loop.create_server(
+            lambda: HTTP1Connection(self.pipeline, settings, 8080, "http"), "127.0.0.1", 0
+        )
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    def log_lines(self) -> list[dict]:
+        self.pipeline.access_log.flush()
+        return [json.loads(line) for line in self.log_path.read_text().splitlines()]
+
+
+class NotifyingLog(AccessLog):
+    """The real access log, which also wakes the test after each line."""
+
+    def __init__(self, fd: int) -> None:
+        super().__init__("json", fd)
+        self.written = asyncio.Event()
+
+    def log(self, record, now: float) -> None:  # type: ignore[no-untyped-def]
+        super().log(record, now)
+        self.written.set()
+
+
+Scenario = Callable[[Gateway, Backend], Awaitable[None]]
+
+
+def run(scenario: Scenario) -> None:
+    """Run ``scenario`` against a fresh gateway and backend, bounded in time."""
+
+    async def main() -> None:
+        backend = Backend()
+        await backend.start()
+        with tempfile.TemporaryDirectory() as tmp:
+            config = Path(tmp) / "config.yaml"
+            config.write_text(CONFIG.format(port=backend.port))
+            snapshot = compile_snapshot(load_config([str(config)]), {"istio": "ingressgateway"})
+            log_path = Path(tmp) / "access.log"
+            fd = os.open(log_path, os.O_WRONLY | os.O_CREAT)
+            pools = UpstreamPools()
+            pipeline = Pipeline(SnapshotRef(snapshot), pools, NotifyingLog(fd))
+            gateway = Gateway(pipeline, log_path)
+            await gateway.start()
+            try:
+                await asyncio.wait_for(scenario(gateway, backend), 10)
+            finally:
+                assert gateway.server is not None
+                gateway.server.close()
+                pools.close()
+                await backend.stop()
+                os.close(fd)
+
+    asyncio.run(main())
+
+
+class Client:
+    """One keep-alive client connection speaking raw HTTP/1.1."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    @classmethod
+    async def connect(cls, port: int) -> Client:
+        return cls(*await asyncio.open_connection("127.0.0.1", port))
+
+    def send(self, method: str, path: str) -> None:
+        self.writer.write(f"{method} {path} HTTP/1.1\r\nHost: app.test\r\n\r\n".encode())
+
+    async def head(self) -> tuple[int, dict[str, str]]:
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        headers = {}
+        for line in lines[1:]:
+            if line:
+                name, _, value = line.partition(":")
+                headers[name.strip().lower()] = value.strip()
+        return int(lines[0].split(" ")[1]), headers
+
+    async def body(self, headers: dict[str, str]) -> bytes:
+        if "content-length" in headers:
+            return await self.reader.readexactly(int(headers["content-length"]))
+        body = b""
+        if headers.get("transfer-encoding") == "chunked":
+            while True:
+                size = int((await self.reader.readuntil(b"\r\n")).strip(), 16)
+                chunk = await self.reader.readexactly(size + 2)
+                if size == 0:
+                    break
+                body += chunk[:-2]
+        return body
+
+    async def response(self, head_only: bool = False) -> tuple[int, dict[str, str], bytes]:
+        status, headers = await self.head()
+        return status, headers, b"" if head_only else await self.body(headers)
+
+    async def get(self, path: str, method: str = "GET") -> tuple[int, dict[str, str], bytes]:
+        self.send(method, path)
+        return await self.response(head_only=method == "HEAD")
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+async def _warm(gateway: Gateway) -> Client:
+    """A client whose first request left an idle upstream connection in the pool."""
+    client = await Client.connect(gateway.port)
+    assert (await client.get("/warm"))[0] == 200
+    return client
+
+
+def test_pooled_requests_are_answered_and_logged() -> None:
+    async def scenario(gateway: Gateway, backend: Backend) -> None:
+        client = await _warm(gateway)
+        for _ in range(5):
+            status, _, body = await client.get("/x")
+            assert (status, body) == (200, b"ok")
+        client.close()
+        assert backend.connections == 1  # every request after the first used the pool
+        lines = gateway.log_lines()
+        assert [line["status"] for line in lines] == [200] * 6
+        assert all(line["response_flags"] == "-" for line in lines)
+
+    run(scenario)
+
+
+def test_route_timeout_on_a_pooled_connection_is_504_ut() -> None:
+    async def scenario(gateway: Gateway, backend: Backend) -> None:
+        client = await _warm(gateway)
+        status, _, _ = await client.get("/slow")
+        assert status == 504
+        backend.release.set()
+        # The upstream connection that timed out is not reused: the next one works.
+        status, _, body = await client.get("/after")
+        assert (status, body) == (200, b"ok")
+        client.close()
+        lines = gateway.log_lines()
+        assert [(x["path"], x["status"], x["response_flags"]) for x in lines[1:]] == [
+            ("/slow", 504, "UT"),
+            ("/after", 200, "-"),
+        ]
+
+    run(scenario)
+
+
+def test_client_gone_while_waiting_is_logged_dc_and_the_upstream_released() -> None:
+    async def scenario(gateway: Gateway, backend: Backend) -> None:
+        client = await _warm(gateway)
+        log = gateway.pipeline.access_log
+        assert isinstance(log, NotifyingLog)
+        log.written.clear()
+        client.send("GET", "/hold")
+        await backend.holding.wait()
+        # A reset, not a half-close: a client that only stops sending still gets
+        # its answer.
+        sock = client.writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client.writer.transport.abort()
+        await log.written.wait()
+        line = gateway.log_lines()[1]
+        assert (line["path"], line["response_flags"]) == ("/hold", "DC")
+        backend.release.set()
+        # The gateway keeps serving, on a fresh upstream connection.
+        other = await Client.connect(gateway.port)
+        assert (await other.get("/next"))[0] == 200
+        other.close()
+        assert backend.connections == 2
+
+    run(scenario)
+
+
+def test_pooled_connection_closed_while_idle_is_retried_once() -> None:
+    async def scenario(gateway: Gateway, backend: Backend) -> None:
+        client = await Client.connect(gateway.port)
+        assert (await client.get("/close-idle"))[0] == 200
+        # The backend drops the next request on that connection unanswered, as a
+        # server that closed an idle connection does: the request never reached it,
+        # so it is retried once on a new connection, invisibly to the client.
+        status, _, body = await client.get("/again")
+        assert (status, body) == (200, b"ok")
+        client.close()
+        assert backend.requests[-2:] == [b"dropped /again", b"/again"]
+        assert backend.connections == 2
+        assert gateway.log_lines()[-1]["response_flags"] == "-"
+
+    run(scenario)
+
+
+def test_upstream_reset_after_the_request_is_503_ur() -> None:
+    async def scenario(gateway: Gateway, backend: Backend) -> None:
+        client = await _warm(gateway)
+        status, _, _ = await client.get("/reset")
+        assert status == 503
+        client.close()
+        assert gateway.log_lines()[1]["response_flags"] == "UR"
+
+    run(scenario)
+
+
+def test_body_arriving_after_the_head_is_streamed() -> None:
+    async def scenario(gateway: Gateway, backend: Backend) -> None:
+        client = await _warm(gateway)
+        client.send("GET", "/stream")
+        status, headers = await client.head()
+        assert status == 200 and headers.get("transfer-encoding") == "chunked"
+        backend.release.set()
+        assert await client.body(headers) == b"first-second-third"
+        # The connection stays usable after the streamed response.
+        assert (await client.get("/x"))[2] == b"ok"
+        client.close()
+
+    run(scenario)
+
+
+def test_head_request_on_a_pooled_connection_has_no_body() -> None:
+    async def scenario(gateway: Gateway, backend: Backend) -> None:
+        client = await _warm(gateway)
+        status, headers, _ = await client.get("/head", method="HEAD")
+        assert status == 200 and headers["content-length"] == "5"
+        # Had a body been written, it would be read here as a broken status line.
+        assert (await client.get("/x"))[2] == b"ok"
+        client.close()
+
+    run(scenario)
+
+
+def test_pipelined_requests_are_answered_in_order() -> None:
+    async def scenario(gateway: Gateway, backend: Backend) -> None:
+        client = await _warm(gateway)
+        for index in range(4):
+            client.send("GET", f"/p{index}")
+        for _ in range(4):
+            status, _, body = await client.response()
+            assert (status, body) == (200, b"ok")
+        client.close()
+        assert [line["path"] for line in gateway.log_lines()[1:]] == [f"/p{i}" for i in range(4)]
+
+    run(scenario)
