@@ -68,6 +68,9 @@ class Pipeline:
         self.metrics = metrics
         self.exporter = exporter
         self.upstream = upstream_stage or UpstreamStage(pools)
+        # The callback-driven exchange is UpstreamStage's own: a stage that replaces
+        # ``forward`` (the egress gateway's) gets every request through ``forward``.
+        self._upstream_start = self.upstream.start if type(self.upstream) is UpstreamStage else None
         # authn.runtime.SecurityRuntime: JWT keys, token cache, decision counters.
         self.security = security
         security_stages: tuple[Any, ...] = ()
@@ -159,7 +162,8 @@ class Pipeline:
                 if reply is not None:
                     self._resume(ctx, self._after_stage(ctx, index, reply))
                     return
-            if not self.upstream.start(ctx, self._complete, self._resume):
+            upstream_start = self._upstream_start
+            if upstream_start is None or not upstream_start(ctx, self._complete, self._resume):
                 self._resume(ctx, self.upstream.forward(ctx))
         except Exception as exc:
             self._resume(ctx, _raise(exc))

@@ -173,6 +173,13 @@ class RequestContext:
             await self.stream.send_body(body, True)
         self.bytes_sent += len(body)
 
+    def write_raw(self, status: int, lines: bytes, has_length: bool, body: bytes) -> None:
+        """``write_whole`` for header lines already in HTTP/1.1 wire form."""
+        self.status = status
+        self.response_started = True
+        self.stream.write_raw_response(status, lines, has_length, body)  # type: ignore[attr-defined]
+        self.bytes_sent += len(body)
+
     def write_whole(self, head: ResponseHead, body: bytes) -> None:
         """``send_whole`` without a coroutine, on a stream that has
         ``write_response`` (HTTP/1.1; the callback-driven exchange only)."""
@@ -645,7 +652,7 @@ class UpstreamStage:
         pool = pools.pool_for(pools.pick_endpoint(cluster))
         conn = pool.take_idle()
         if conn is None:
-            resume(ctx, self.forward(ctx, pool))
+            resume(ctx, UpstreamStage.forward(self, ctx, pool))
             return True
         ctx.upstream_cluster = cluster.name
         ctx.upstream_host = pool.host_label
@@ -895,24 +902,42 @@ class _Exchange:
             if not conn.received_any:
                 # A pooled connection the upstream had closed while idle: the request
                 # never reached it, so it gets one retry, as ``_exchange`` gives.
-                self.resume(ctx, self.stage.forward(ctx, self.pool, retry=False))
+                self.resume(ctx, UpstreamStage.forward(self.stage, ctx, self.pool, retry=False))
             else:
                 self.resume(ctx, _raise(conn.error or UpstreamReset("no response head")))
             return
+        raw: tuple[bytes, bool] | None = None
         try:
             ctx.upstream_ms = (perf_counter() - self.started) * 1000.0
-            response = ResponseHead(conn.status, self.stage._response_headers(ctx, conn.headers))
+            status = conn.status
             if not (self.head_only or conn.message_done):
+                response = ResponseHead(status, self.stage._response_headers(ctx, conn.headers))
                 self.resume(ctx, self.stage._relay_rest(ctx, conn, response))
                 return
             body = b"" if self.head_only else conn.take_body()
+            route = ctx.route
+            if (
+                route.response_headers.empty  # type: ignore[union-attr]
+                and ctx.destination.response_headers.empty  # type: ignore[union-attr]
+                and not ctx.cors_headers
+                and not ctx.ratelimit_headers
+                and not ADVERTISED
+            ):
+                # Nothing edits the response head: the upstream's header lines go
+                # out as they came, less the hop-by-hop ones.
+                raw = _passthrough_lines(conn.headers)
+            if raw is None:
+                response = ResponseHead(status, self.stage._response_headers(ctx, conn.headers))
         except Exception as exc:  # a bug: the pipeline answers 500 and logs it
             conn.close()
             self.resume(ctx, _raise(exc))
             return
         conn.finish()  # first: a pipelined request started by the write can reuse it
         try:
-            ctx.write_whole(response, body)
+            if raw is None:
+                ctx.write_whole(response, body)
+            else:
+                ctx.write_raw(status, raw[0], raw[1], body)
         except Exception as exc:  # the client went away (StreamReset)
             self.resume(ctx, _raise(exc))
             return
@@ -938,6 +963,67 @@ class _Exchange:
         conn.close()
         self.ctx.add_flag("DC")
         self.complete(self.ctx)
+
+
+# Upstream response header-name sequences -> how to pass such a head through as bytes:
+# (picks the kept (name, value) pairs, their lower-case names, whether Content-Length
+# is among them, the index of a Connection header or -1), or None when the head has
+# something that needs the general path. Upstreams send the same few name sequences
+# over and over, so each is worked out once.
+_Plan = tuple[Callable[[list[tuple[bytes, bytes]]], Any], tuple[bytes, ...], bool, int]
+_PLANS: dict[tuple[bytes, ...], _Plan | None] = {}
+_HOP_BYTES = frozenset(name.encode() for name in _RESPONSE_HOP)
+_FIRST_ITEM = itemgetter(0)
+_SECOND_ITEM = itemgetter(1)
+_COLON_JOIN_BYTES = b": ".join
+
+
+def _plan(names: tuple[bytes, ...]) -> _Plan | None:
+    lowered = [name.lower() for name in names]
+    if lowered.count(b"connection") > 1:
+        return None
+    keep = [index for index, name in enumerate(lowered) if name not in _HOP_BYTES]
+    kept_names = tuple(lowered[index] for index in keep)
+    if len(keep) == 1:
+        only = keep[0]
+
+        def pick(raw: list[tuple[bytes, bytes]]) -> Any:
+            return (raw[only],)
+
+    elif not keep:
+
+        def pick(raw: list[tuple[bytes, bytes]]) -> Any:
+            return ()
+
+    else:
+        pick = itemgetter(*keep)
+    connection = lowered.index(b"connection") if b"connection" in lowered else -1
+    return pick, kept_names, b"content-length" in kept_names, connection
+
+
+def _passthrough_lines(raw: list[tuple[bytes, bytes]]) -> tuple[bytes, bool] | None:
+    """The upstream's response header lines for an HTTP/1.1 client, in wire form
+    (lower-case names, hop-by-hop headers dropped), and whether Content-Length is
+    among them; None when the general path must decide (a Connection header that
+    names other headers, say)."""
+    names = tuple(map(_FIRST_ITEM, raw))
+    plan = _PLANS.get(names, False)
+    if plan is False:
+        plan = _plan(names)
+        if len(_PLANS) < 256:
+            _PLANS[names] = plan
+    if plan is None:
+        return None
+    pick, kept_names, has_length, connection = plan
+    if connection >= 0:
+        # Connection may name further headers to drop; the usual values do not.
+        token = raw[connection][1].lower()
+        if token != b"keep-alive" and token != b"close":
+            return None
+    if not kept_names:
+        return b"", False
+    pairs = zip(kept_names, map(_SECOND_ITEM, pick(raw)), strict=True)
+    return b"\r\n".join(map(_COLON_JOIN_BYTES, pairs)) + b"\r\n", has_length
 
 
 async def _raise(error: BaseException) -> None:

@@ -84,6 +84,16 @@ def status_line(status: int) -> str:
     return line
 
 
+_STATUS_LINE_BYTES: dict[int, bytes] = {}
+
+
+def status_line_bytes(status: int) -> bytes:
+    line = _STATUS_LINE_BYTES.get(status)
+    if line is None:
+        line = _STATUS_LINE_BYTES[status] = status_line(status).encode("latin-1")
+    return line
+
+
 class _Stop(Exception):
     """Raised from a parser callback to stop parsing; the reason is in ``_error``."""
 
@@ -214,37 +224,57 @@ class H1Stream:
             self.conn.write(self._encode_head(response, True))
             self._complete()
             return
-        data = self._encode_head(response, False)
-        if body and self.mode != _NONE:
-            data += b"%x\r\n%b\r\n0\r\n\r\n" % (len(body), body) if self.mode == _CHUNKED else body
-        elif self.mode == _CHUNKED:
-            data += b"0\r\n\r\n"
+        self._write_whole(self._encode_head(response, False), body)
+
+    def write_raw_response(self, status: int, lines: bytes, has_length: bool, body: bytes) -> None:
+        """``write_response`` for header lines already in wire form (lower-case
+        ``name: value`` lines, each ending in CRLF): an upstream's headers passed
+        through untouched, without decoding them only to encode them again."""
+        head = self._frame(status, lines, has_length, not body)
+        if not body:
+            self.conn.write(head)
+            self._complete()
+            return
+        self._write_whole(head, body)
+
+    def _write_whole(self, data: bytes, body: bytes) -> None:
+        if self.mode == _CHUNKED:
+            data += b"%x\r\n%b\r\n0\r\n\r\n" % (len(body), body)
+        elif self.mode != _NONE:
+            data += body
         self.conn.write(data)
         self._complete()
 
     def _encode_head(self, response: ResponseHead, end_stream: bool) -> bytes:
+        has_length = False
+        lines = []
+        for name, value in response.headers:
+            if name == "content-length":
+                has_length = True
+            lines.append(f"{name}: {value}\r\n")
+        return self._frame(
+            response.status, "".join(lines).encode("latin-1"), has_length, end_stream
+        )
+
+    def _frame(self, status: int, lines: bytes, has_length: bool, end_stream: bool) -> bytes:
+        """The response head: status line, header lines, then what the framing
+        and the connection's fate add."""
         conn = self.conn
         if conn.closed:
             raise StreamReset("client closed the connection")
         if self.response_started:
             raise RuntimeError("response head already sent")
         self.response_started = True
-        status = response.status
-        parts = [status_line(status)]
-        has_length = False
-        for name, value in response.headers:
-            if name == "content-length":
-                has_length = True
-            parts.append(f"{name}: {value}\r\n")
+        extra = b""
         if self.head.method == "HEAD" or status in (204, 304) or status < 200:
             self.mode = _NONE
         elif has_length:
             self.mode = _FIXED
         elif end_stream:
-            parts.append("content-length: 0\r\n")
+            extra = b"content-length: 0\r\n"
             self.mode = _FIXED
         elif self.head.http_version == "1.1":
-            parts.append("transfer-encoding: chunked\r\n")
+            extra = b"transfer-encoding: chunked\r\n"
             self.mode = _CHUNKED
         else:
             # An HTTP/1.0 client cannot read chunks: the body ends when we close.
@@ -254,11 +284,10 @@ class H1Stream:
             # Unread request body left on the wire: the connection cannot be reused.
             self.keep_alive = False
         if not self.keep_alive:
-            parts.append("connection: close\r\n")
+            extra += b"connection: close\r\n"
         elif self.head.http_version == "1.0":
-            parts.append("connection: keep-alive\r\n")
-        parts.append("\r\n")
-        return "".join(parts).encode("latin-1")
+            extra += b"connection: keep-alive\r\n"
+        return b"%b%b%b\r\n" % (status_line_bytes(status), lines, extra)
 
     def _flush_pending(self) -> None:
         pending = self._pending

@@ -1,0 +1,70 @@
+"""Upstream response headers passed through as bytes give exactly the head the
+general path (decode, filter, encode) gives."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from gateway.server.events import RequestHead
+from gateway.stages import RequestContext, UpstreamStage, _passthrough_lines
+
+NAMES = [
+    b"Content-Type",
+    b"content-type",
+    b"Content-Length",
+    b"Connection",
+    b"connection",
+    b"Keep-Alive",
+    b"Transfer-Encoding",
+    b"Upgrade",
+    b"TE",
+    b"Trailer",
+    b"Proxy-Connection",
+    b"Set-Cookie",
+    b"X-Custom",
+    b"Date",
+    b"Server",
+]
+VALUES = [b"keep-alive", b"close", b"Keep-Alive", b"x-custom", b"x-custom, date", b"v", b"1"]
+
+
+class _Stream:
+    def __init__(self, head: RequestHead) -> None:
+        self.head = head
+
+
+def _general(raw: list[tuple[bytes, bytes]]) -> tuple[bytes, bool]:
+    head = RequestHead(
+        method="GET", path="/", query="", authority="a", scheme="http", headers=[], port=80
+    )
+    ctx = RequestContext(_Stream(head), None, 0.0, 0.0)  # type: ignore[arg-type]
+    headers = UpstreamStage._response_headers(None, ctx, raw)  # type: ignore[arg-type]
+    lines = "".join(f"{name}: {value}\r\n" for name, value in headers).encode("latin-1")
+    return lines, any(name == "content-length" for name, _ in headers)
+
+
+@given(st.lists(st.tuples(st.sampled_from(NAMES), st.sampled_from(VALUES)), max_size=10))
+def test_passthrough_matches_the_general_path(raw: list[tuple[bytes, bytes]]) -> None:
+    fast = _passthrough_lines(raw)
+    if fast is not None:
+        assert fast == _general(raw)
+
+
+def test_a_connection_header_naming_other_headers_takes_the_general_path() -> None:
+    raw = [(b"Connection", b"x-custom"), (b"X-Custom", b"1"), (b"Date", b"d")]
+    assert _passthrough_lines(raw) is None
+    assert _general(raw) == (b"date: d\r\n", False)
+
+
+def test_the_usual_nginx_head_passes_through() -> None:
+    raw = [
+        (b"Server", b"nginx"),
+        (b"Content-Type", b"text/plain"),
+        (b"Content-Length", b"100"),
+        (b"Connection", b"keep-alive"),
+    ]
+    assert _passthrough_lines(raw) == (
+        b"server: nginx\r\ncontent-type: text/plain\r\ncontent-length: 100\r\n",
+        True,
+    )
