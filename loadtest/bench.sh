@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # make bench: install the load tools when missing, then run loadtest/bench.py.
-# Environment: DUR (seconds per run, 10), ROUNDS (3), ONLY (nginx,meshgate); see bench.py.
+# Environment: DUR (seconds per run, 6), ROUNDS (3), SCENARIOS (comma list), NO_DOC=1;
+# see bench.py and docs/benchmarks.md. redis-server is installed too: two scenarios
+# use the Redis rate limiter.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -9,6 +11,7 @@ command -v nginx >/dev/null 2>&1 || packages+=(nginx)
 command -v wrk >/dev/null 2>&1 || packages+=(wrk)
 command -v h2load >/dev/null 2>&1 || packages+=(nghttp2-client)
 command -v taskset >/dev/null 2>&1 || packages+=(util-linux)
+command -v redis-server >/dev/null 2>&1 || packages+=(redis-server)
 
 if ((${#packages[@]})); then
     if ! command -v apt-get >/dev/null 2>&1; then

@@ -4,6 +4,7 @@ requests in flight, until REQUESTS requests have been answered (or a time limit)
 
     python loadtest/h3load.py --port 8443 --host localhost --cafile ca.crt \\
         --connections 50 --streams 10 --requests 20000 [--path /] [--timeout-s 120]
+    python loadtest/h3load.py --port 8443 --duration-s 10     # as many as fit in 10 s
 
 Prints one JSON line: requests, errors (non-2xx, resets, failed connections),
 elapsed_s, rps, p50_ms, p99_ms, and the client's own CPU seconds (a Python QUIC
@@ -29,15 +30,19 @@ from gateway.server.h3client import client_configuration, connect_h3
 
 
 class Counter:
-    """The shared budget of requests and what came back."""
+    """The shared budget of requests (a count, and optionally a time) and what came back."""
 
-    def __init__(self, total: int) -> None:
+    def __init__(self, total: int, duration_s: float = 0.0) -> None:
         self.remaining = total
+        self.deadline = time.perf_counter() + duration_s if duration_s > 0 else None
         self.latencies: list[float] = []
         self.errors = 0
 
     def take(self) -> bool:
         if self.remaining <= 0:
+            return False
+        if self.deadline is not None and time.perf_counter() >= self.deadline:
+            self.remaining = 0
             return False
         self.remaining -= 1
         return True
@@ -75,7 +80,7 @@ def _percentile(sorted_values: list[float], fraction: float) -> float | None:
 
 async def run(args: argparse.Namespace) -> dict[str, object]:
     cadata = Path(args.cafile).read_bytes() if args.cafile else None
-    counter = Counter(args.requests)
+    counter = Counter(args.requests, args.duration_s)
     usage_before = resource.getrusage(resource.RUSAGE_SELF)
     start = time.perf_counter()
     try:
@@ -114,6 +119,12 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=50)
     parser.add_argument("--streams", type=int, default=10)
     parser.add_argument("--requests", type=int, default=20000)
+    parser.add_argument(
+        "--duration-s",
+        type=float,
+        default=0.0,
+        help="stop starting requests after this many seconds (0: only --requests bounds it)",
+    )
     parser.add_argument("--timeout-s", type=float, default=120.0)
     parser.add_argument("--no-uvloop", action="store_true")
     args = parser.parse_args()

@@ -1,0 +1,86 @@
+"""``loadtest/bench.py`` without load: which runs a scenario filter selects, and how the
+report turns per-round figures into medians, ratios and pass/fail verdicts.
+
+The figures are written by hand, so every expected ratio is known exactly; the
+processes and load generators are exercised by ``make bench`` itself."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "loadtest"))
+
+import bench  # loadtest/bench.py, a script
+
+
+def _record(key: str, rnd: int, rps: float, **extra: float) -> dict:
+    base = {"key": key, "round": rnd, "rps": rps, "errors": 0, "p50_ms": 1.0, "p99_ms": 2.0}
+    base.update(cpu_ms_per_req=0.04, rss_mb=40.0, rss_worker_mb=40.0)
+    return {**base, **extra}
+
+
+def test_a_scenario_brings_the_runs_its_ratios_are_taken_to() -> None:
+    scenarios, runs = bench.select(["edge", "h3"])
+    assert [s.name for s in scenarios] == ["h3", "edge"]
+    keys = [run.key for run in runs]
+    # edge is compared with nginx's plain proxy, h3 with meshgate's own HTTP/2.
+    assert set(keys) == {"edge/meshgate", "plain/nginx", "h3/meshgate", "h2tls/meshgate"}
+
+
+def test_default_selection_is_every_default_scenario() -> None:
+    scenarios, runs = bench.select([])
+    names = [s.name for s in scenarios]
+    assert "jwt-cold" not in names
+    assert {"plain", "https", "h2tls", "h3", "edge", "routes", "workers2"} <= set(names)
+    assert len({run.key for run in runs}) == len(runs)
+
+
+def test_unknown_scenario_names_the_known_ones() -> None:
+    with pytest.raises(SystemExit, match=r"unknown scenario.*plainn.*known: plain"):
+        bench.select(["plainn"])
+
+
+def test_ratios_are_taken_within_each_round_then_the_median() -> None:
+    records = [
+        _record("plain/nginx", 1, 1000),
+        _record("plain/meshgate", 1, 600),  # 0.6
+        _record("plain/nginx", 2, 2000),
+        _record("plain/meshgate", 2, 800),  # 0.4
+        _record("plain/nginx", 3, 1000),
+        _record("plain/meshgate", 3, 550),  # 0.55
+    ]
+    results = bench.Results(records)
+    assert results.ratio("plain/meshgate", "plain/nginx") == pytest.approx(0.55)
+    # The ratio of the medians would be 600 / 1000 = 0.6: not what is reported.
+    assert results.median("plain/meshgate", "rps") == 600
+
+
+def test_targets_table_gives_pass_fail_and_flags_runs_with_errors() -> None:
+    _scenarios, runs = bench.select(["plain", "latency"])
+    records = [
+        _record("plain/nginx", 1, 1000),
+        _record("plain/meshgate", 1, 400, cpu_ms_per_req=0.03, rss_worker_mb=70.0),
+        _record("latency/direct", 1, 9000, p50_ms=0.05),
+        _record("latency/nginx", 1, 5000, p50_ms=0.10),
+        _record("latency/meshgate", 1, 3000, p50_ms=0.15, errors=2),
+    ]
+    lines = bench.targets_table(bench.Results(records), runs, None)
+    by_name = {line.split(" | ")[0].lstrip("| "): line for line in lines if line.startswith("|")}
+    assert "0.40x | ≥ 0.5 | **FAIL**" in by_name["plain HTTP/1.1 vs nginx"]
+    assert "0.0300 ms | ≤ 0.05 ms | pass |" in by_name["gateway CPU per plain request"]
+    latency = by_name["added latency at 1 connection, p50 over the direct path"]
+    assert "0.100 ms | ≤ 0.15 ms | pass (not valid: 2 errors)" in latency
+    rss = next(line for name, line in by_name.items() if name.startswith("RSS per worker"))
+    assert "70.0 MB | ≤ 60 MB | **FAIL**" in rss
+
+
+def test_table_marks_nginx_not_applicable_and_names_the_reference() -> None:
+    scenarios, runs = bench.select(["edge"])
+    records = [_record("plain/nginx", 1, 1000), _record("edge/meshgate", 1, 300)]
+    lines = bench.table(bench.Results(records), scenarios, runs)
+    edge = [line for line in lines if line.startswith("| edge |")]
+    assert "n/a" in edge[0] and "nginx" in edge[0]
+    assert "| 0.30 | nginx plain |" in edge[1]
