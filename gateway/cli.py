@@ -6,7 +6,8 @@
                                        # labels istio=egressgateway, REGISTRY_ONLY
     meshgate validate PATH... [--gateway-class NAME]   # exit 0 clean, 1 errors
     meshgate routes PATH... [--host H] [--json] [--gateway-class NAME]
-    meshgate status PATH... [--gateway-class NAME]     # Gateway API status, as YAML
+    meshgate status PATH... [--gateway-class NAME] [--credentials-dir DIR]
+                                       # Gateway API status, as YAML
     meshgate demo-backend --port PORT [--name NAME]
     meshgate token --key PEM --issuer ISS [--sub S] [--aud A] [--claim k=v] ...
                                        # development only: mints a test JWT
@@ -209,6 +210,11 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     status.add_argument("paths", nargs="+", metavar="PATH")
     status.add_argument("--gateway-class", default="meshgate", help=classes_help)
+    status.add_argument(
+        "--credentials-dir",
+        metavar="DIR",
+        help="check that certificateRefs have DIR/<name>/tls.crt and tls.key",
+    )
 
     routes = sub.add_parser("routes", help="print the compiled route table")
     routes.add_argument("paths", nargs="+", metavar="PATH")
@@ -275,7 +281,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
         _print_problems(exc.errors, exc.warnings)
         print(exc.summary(), file=sys.stderr)
         return 1
-    binding = bind_gateway_api(model, gateway_classes(args.gateway_class))
+    binding = bind_gateway_api(model, gateway_classes(args.gateway_class), args.credentials_dir)
     print(yaml.safe_dump(status_to_dict(binding), sort_keys=False, width=200), end="")
     return 0
 

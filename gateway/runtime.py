@@ -90,6 +90,7 @@ def _services(
         pools=pools,
         serving=serving,
         gateway_classes=gateway_classes(options.gateway_class),
+        credentials_dir=options.credentials_dir,
     )
 
 
@@ -107,7 +108,9 @@ def gateway_classes(text: str) -> tuple[str, ...]:
     return tuple(name.strip() for name in text.split(",") if name.strip())
 
 
-def with_gateway_api_warnings(model: Model, classes: str) -> Model:
+def with_gateway_api_warnings(
+    model: Model, classes: str, credentials_dir: str | None = None
+) -> Model:
     """The model with its Gateway API status problems (a route not attached, a backend
     not found) added as warnings, so start-up and reloads report them as validate does."""
     if not any(r.api_group == "gateway.networking.k8s.io" for r in model.resources):
@@ -116,7 +119,8 @@ def with_gateway_api_warnings(model: Model, classes: str) -> Model:
 
     from .config.gatewayapi_status import bind_gateway_api, status_warnings
 
-    found = status_warnings(bind_gateway_api(model, gateway_classes(classes)))
+    binding = bind_gateway_api(model, gateway_classes(classes), credentials_dir)
+    found = status_warnings(binding)
     return replace(model, warnings=(*model.warnings, *found)) if found else model
 
 
@@ -125,7 +129,9 @@ def build_snapshot(options: RunOptions) -> tuple[Model, Snapshot]:
     from .config.load import load_config
     from .routing.compile import compile_snapshot
 
-    model = with_gateway_api_warnings(load_config(list(options.paths)), options.gateway_class)
+    model = with_gateway_api_warnings(
+        load_config(list(options.paths)), options.gateway_class, options.credentials_dir
+    )
     snapshot = compile_snapshot(
         model,
         dict(options.labels),

@@ -52,9 +52,11 @@ class ProcessServices:
         pools: Any = None,
         serving: bool = True,
         gateway_classes: tuple[str, ...] = ("meshgate",),
+        credentials_dir: str | None = None,
     ) -> None:
         self.ref = ref
         self.gateway_classes = gateway_classes
+        self.credentials_dir = credentials_dir
         self.readiness = readiness
         self.pools = pools
         self.workload = workload or WorkloadLabels("meshgate-ingressgateway", "istio-system")
@@ -150,6 +152,7 @@ class ProcessServices:
             processes=processes,
             workload=self.workload,
             gateway_classes=self.gateway_classes,
+            credentials_dir=self.credentials_dir,
         )
 
 

@@ -65,6 +65,7 @@ class AdminState:
         default_factory=lambda: WorkloadLabels("meshgate-ingressgateway", "istio-system")
     )
     gateway_classes: tuple[str, ...] = ("meshgate",)  # --gateway-class
+    credentials_dir: str | None = None  # --credentials-dir, for certificateRefs in status
 
 
 def build_admin_app(readiness: Readiness, state: AdminState | None = None) -> Starlette:
@@ -155,7 +156,8 @@ def _state_routes(state: AdminState) -> list[Route]:
         model = state.model()
         if model is None:
             return _json({"error": "no configuration loaded"}, 503)
-        return _json(status_to_dict(bind_gateway_api(model, state.gateway_classes)))
+        binding = bind_gateway_api(model, state.gateway_classes, state.credentials_dir)
+        return _json(status_to_dict(binding))
 
     async def clusters(request: Request) -> Response:
         processes = await state.processes()

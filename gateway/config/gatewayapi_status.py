@@ -21,6 +21,7 @@ registry exactly as a VirtualService destination is.
 from __future__ import annotations
 
 import datetime
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -211,9 +212,12 @@ def _namespace_allowed(listener: ListenerBinding, route_ns: str) -> bool:
 
 
 class _Binder:
-    def __init__(self, model: Model, classes: Iterable[str]) -> None:
+    def __init__(
+        self, model: Model, classes: Iterable[str], credentials_dir: str | None = None
+    ) -> None:
         self.model = model
         self.classes = set(classes)
+        self.credentials_dir = credentials_dir
         self.grants = _Grants(model)
         self.services: dict[str, Resource] = {}
         for se in model.of_kind("ServiceEntry"):
@@ -357,7 +361,12 @@ class _Binder:
         lb.usable = accepted.status and not conflicted.status
         if spec.protocol == "HTTPS" and not lb.certificates:
             lb.usable = False
-        if lb.usable:
+        if lb.usable and resolved.reason == "InvalidCertificateRef" and lb.certificates:
+            # Bound, but no certificate to present until the Secret's files appear.
+            programmed = Condition(
+                "Programmed", False, "Invalid", "waiting for the Secret's files", path=path
+            )
+        elif lb.usable:
             programmed = Condition("Programmed", True, "Programmed", path=path)
         else:
             programmed = Condition(
@@ -393,8 +402,24 @@ class _Binder:
                     path=path,
                 )
                 continue
+            if self.credentials_dir is not None and not self._secret_exists(ref.name):
+                # Reported, but still served: the TLS layer loads the Secret once its
+                # files appear, as it does for an Istio credentialName.
+                resolved = Condition(
+                    "ResolvedRefs",
+                    False,
+                    "InvalidCertificateRef",
+                    f"Secret {ns}/{ref.name} not found: no {ref.name}/tls.crt and "
+                    f"tls.key in the credentials directory",
+                    path=path,
+                )
             lb.certificates.append(ref.name)
         return resolved
+
+    def _secret_exists(self, name: str) -> bool:
+        assert self.credentials_dir is not None
+        folder = os.path.join(self.credentials_dir, name)
+        return all(os.path.isfile(os.path.join(folder, f)) for f in ("tls.crt", "tls.key"))
 
     def _finish_gateway(self, g: GatewayBinding) -> None:
         bad = [lb for lb in g.listeners if not lb.usable]
@@ -607,9 +632,16 @@ class _Binder:
         return Backend(host, port)
 
 
-def bind_gateway_api(model: Model, classes: Iterable[str] = ("meshgate",)) -> Binding:
-    """Attach every route of ``model`` and resolve every reference, for ``classes``."""
-    return _Binder(model, classes).run()
+def bind_gateway_api(
+    model: Model, classes: Iterable[str] = ("meshgate",), credentials_dir: str | None = None
+) -> Binding:
+    """Attach every route of ``model`` and resolve every reference, for ``classes``.
+
+    With ``credentials_dir`` (``--credentials-dir``), a certificateRef whose Secret
+    has no files there is reported ``InvalidCertificateRef``; the only I/O here, and
+    only when asked for: the compiler binds without it, so the Snapshot never depends
+    on which files exist."""
+    return _Binder(model, classes, credentials_dir).run()
 
 
 # --------------------------------------------------------------------------- output
