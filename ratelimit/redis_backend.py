@@ -53,13 +53,6 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.cluster import RedisCluster
-from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import Sentinel
-from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError, ResponseError
-
 from .local import Outcome
 
 __all__ = [
@@ -155,6 +148,13 @@ def parse_redis_url(url: str) -> tuple[str, dict[str, Any]]:
 
 def _connect(url: str, timeout_s: float, max_connections: int) -> Any:
     """A redis-py asyncio client for ``url``; no I/O happens until the first command."""
+    # redis-py is about 7 MB of a worker's memory: loaded only when a Redis URL is set.
+    from redis.asyncio import BlockingConnectionPool, Redis
+    from redis.asyncio.cluster import RedisCluster
+    from redis.asyncio.retry import Retry
+    from redis.asyncio.sentinel import Sentinel
+    from redis.backoff import NoBackoff
+
     mode, details = parse_redis_url(url)
     # No client-side retries: a decision has one timeout, and the circuit decides
     # when to try again.
@@ -204,6 +204,10 @@ class RedisBackend:
         self.clock = clock
         self._client = client
         self._max_connections = max_connections
+        if client is None:
+            # redis-py is loaded now, not by the first decision, whose deadline
+            # would otherwise include importing it.
+            import redis.asyncio  # noqa: F401
         self._sha = _SCRIPT_SHA
         self._pending: list[tuple[str, int, int, asyncio.Future[Outcome | None]]] = []
         self._scheduled = False
@@ -308,6 +312,8 @@ class RedisBackend:
                 asyncio.get_running_loop().call_soon(self._flush)
 
     async def _execute(self, batch: list[tuple[str, int, int, Any]]) -> list[Any]:
+        from redis.exceptions import NoScriptError
+
         client = self.client
         replies = await self._pipeline(client, batch)
         missing = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
@@ -342,6 +348,8 @@ class RedisBackend:
         command packing arguments and more parsing replies line by line; the calls
         here are one fixed shape, so they are packed with one format each and the
         replies read with the connection's parser (hiredis when installed)."""
+        from redis.exceptions import ResponseError
+
         sha = self._sha.encode()
         parts = []
         for bucket, interval_us, burst, _ in batch:
