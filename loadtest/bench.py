@@ -28,7 +28,8 @@ Environment (``make bench`` passes its variables on): DUR (6), ROUNDS (3), SCENA
 (comma list; default: every scenario marked default below), NO_DOC=1 (print only),
 PROXY_CORE (0), LOAD_CORE (1), TARGET_CMD (run this instead of ``meshgate run``, to
 measure another build; ``{python}``, ``{config_dir}``, ``{admin_port}``,
-``{workers}`` and ``{redis_url}`` are filled in). ``--list`` prints the scenarios.
+``{workers}``, ``{redis_url}``, ``{port}`` and ``{backend_port}`` are filled in).
+``--list`` prints the scenarios.
 """
 
 from __future__ import annotations
@@ -375,7 +376,9 @@ def _nginx_argv(scratch: Path, server: Server, values: dict[str, str]) -> list[s
     return ["nginx", "-p", str(scratch), "-e", error_log, "-c", str(config), "-g", "daemon off;"]
 
 
-def _meshgate_argv(config_dir: Path, server: Server, redis_url: str) -> list[str]:
+def _meshgate_argv(
+    config_dir: Path, server: Server, redis_url: str, port: int, backend_port: int
+) -> list[str]:
     admin_port = str(free_port())
     if TARGET_CMD:
         return shlex.split(
@@ -385,6 +388,8 @@ def _meshgate_argv(config_dir: Path, server: Server, redis_url: str) -> list[str
                 admin_port=admin_port,
                 workers=server.workers,
                 redis_url=redis_url,
+                port=port,
+                backend_port=backend_port,
             )
         )
     argv = [sys.executable, "-m", "gateway.cli", "run", str(config_dir)]
@@ -445,9 +450,8 @@ def start(procs: Processes, runs: list[Run]) -> Setup:
                 limiter=server.limiter,
                 vhosts=server.vhosts,
             )
-            argv = _meshgate_argv(
-                config_dir, server, redis_url if server.limiter == "redis" else ""
-            )
+            redis = redis_url if server.limiter == "redis" else ""
+            argv = _meshgate_argv(config_dir, server, redis, port, setup.ports["backend"])
             # The access log stays on, as in production, but goes to /dev/null: a
             # terminal or file would measure the disk instead.
             process = procs.start(server.name, argv, core, stdout=subprocess.DEVNULL)
