@@ -28,7 +28,7 @@ from typing import Any
 
 from . import gatewayapi as gw
 from .errors import ConfigError, Model
-from .hosts import CLUSTER_DOMAIN, expand_host, hosts_intersection
+from .hosts import CLUSTER_DOMAIN, expand_host, host_matches, hosts_intersection
 from .resources import Resource
 
 __all__ = [
@@ -196,6 +196,15 @@ def _intersect(listener_host: str | None, route_hosts: Sequence[str]) -> tuple[s
     return tuple(out)
 
 
+def _specificity(hostname: str | None) -> tuple[int, int]:
+    """How specific a listener hostname is: none < wildcard (longer is more) < exact."""
+    if hostname is None:
+        return (0, 0)
+    if hostname.startswith("*."):
+        return (1, len(hostname))
+    return (2, len(hostname))
+
+
 def _namespace_allowed(listener: ListenerBinding, route_ns: str) -> bool:
     allowed = listener.spec.allowed_routes
     source = "Same"
@@ -218,6 +227,7 @@ class _Binder:
         self.model = model
         self.classes = set(classes)
         self.credentials_dir = credentials_dir
+        self.by_port: dict[int, list[ListenerBinding]] = {}  # usable listeners
         self.grants = _Grants(model)
         self.services: dict[str, Resource] = {}
         for se in model.of_kind("ServiceEntry"):
@@ -241,6 +251,10 @@ class _Binder:
             if name in self.classes and ours.get(name, True):
                 self.binding.gateways.append(self._gateway(res))
         self._port_conflicts()
+        for g in self.binding.gateways:
+            for lb in g.listeners:
+                if lb.usable:
+                    self.by_port.setdefault(lb.spec.port, []).append(lb)
         routes = [r for kind in ROUTE_KINDS for r in self.model.gateway_api(kind)]
         routes.sort(key=lambda r: self.binding.positions[id(r)])
         for res in routes:
@@ -290,6 +304,23 @@ class _Binder:
                         "Conflicted", True, "ProtocolConflict", message, f"{lb.path}.protocol"
                     ),
                 ]
+
+    def _isolate(self, lb: ListenerBinding, domains: tuple[str, ...]) -> tuple[str, ...]:
+        """The domains a listener keeps once more specific listeners of its port take
+        theirs: a request goes to the listener whose hostname matches it most
+        specifically, so a route attached through ``*.example.com`` does not serve
+        ``a.example.com`` when a listener for ``a.example.com`` exists on the port."""
+        own = _specificity(lb.spec.hostname)
+        rivals = [
+            other.spec.hostname.lower()
+            for other in self.by_port.get(lb.spec.port, ())
+            if other is not lb
+            and other.spec.hostname is not None
+            and _specificity(other.spec.hostname) > own
+        ]
+        if not rivals:
+            return domains
+        return tuple(d for d in domains if not any(host_matches(rival, d) for rival in rivals))
 
     def _listener(self, lb: ListenerBinding, same_port: list[ListenerBinding]) -> None:
         spec = lb.spec
@@ -520,7 +551,9 @@ class _Binder:
             attached += 1
             lb.attached_routes += 1
             if lb.usable:
-                rb.attachments.append(Attachment(res, lb, domains))
+                served = self._isolate(lb, domains)
+                if served:
+                    rb.attachments.append(Attachment(res, lb, served))
         if not attached:
             return Condition(
                 "Accepted",

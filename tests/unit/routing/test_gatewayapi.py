@@ -280,3 +280,55 @@ def test_route_without_rules_matches_everything_and_names_no_backend(tmp_path: P
     route = _winner(_compile(tmp_path, doc), Req("/any/path"))
     assert route is not None
     assert route.action.destinations[0].cluster.startswith(INVALID_BACKEND_PREFIX)
+
+
+ISOLATION = """
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: edge, namespace: default}
+spec:
+  gatewayClassName: meshgate
+  listeners:
+  - {name: wild, port: 8080, protocol: HTTP, hostname: "*.example.com"}
+  - {name: exact, port: 8080, protocol: HTTP, hostname: a.example.com}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: backends, namespace: default}
+spec:
+  hosts: [a.default.svc.cluster.local]
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  resolution: STATIC
+  endpoints: [{address: 127.0.0.1}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: through-wildcard, namespace: default}
+spec:
+  parentRefs: [{name: edge, sectionName: wild}]
+  hostnames: [a.example.com, b.example.com]
+  rules:
+  - matches: [{path: {type: Exact, value: /only-here}}]
+    backendRefs: [{name: a, port: 80}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: through-exact, namespace: default}
+spec:
+  parentRefs: [{name: edge, sectionName: exact}]
+  rules:
+  - backendRefs: [{name: a, port: 80}]
+"""
+
+
+def test_requests_go_to_the_most_specific_listener_of_the_port(tmp_path: Path) -> None:
+    path = tmp_path / "isolation.yaml"
+    path.write_text(ISOLATION, encoding="utf-8")
+    snapshot = compile_snapshot(load_config([str(path)]), {})
+    exact = _winner(snapshot, Req("/only-here", authority="a.example.com"))
+    assert exact is not None and exact.origin.name == "through-exact"
+    wild = _winner(snapshot, Req("/only-here", authority="b.example.com"))
+    assert wild is not None and wild.origin.name == "through-wildcard"
+    binding = bind_gateway_api(load_config([str(path)]))
+    counts = {lb.spec.name: lb.attached_routes for lb in binding.gateways[0].listeners}
+    assert counts == {"wild": 1, "exact": 1}  # attached either way; isolation is routing
