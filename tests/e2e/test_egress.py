@@ -143,6 +143,17 @@ spec:
   ports: [{{number: {sni_port}, name: tls, protocol: TLS, targetPort: {tls_port}}}]
   endpoints: [{{address: 127.0.0.5}}]
 ---
+# resolution NONE: the destination is the address the client asked for, when it
+# falls in the entry's block.
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: legacy-block, namespace: egress}}
+spec:
+  hosts: [legacy.example.test]
+  addresses: [127.0.0.7/32]
+  resolution: NONE
+  ports: [{{number: {plain_port}, name: http, protocol: HTTP}}]
+---
 # A metered exit: two requests a minute, per gateway.
 apiVersion: networking.istio.io/v1
 kind: ServiceEntry
@@ -272,8 +283,17 @@ def test_mesh_internal_host_is_not_an_exit(eg: Egress) -> None:
 
 
 def test_ip_literal_without_service_entry_is_refused(eg: Egress) -> None:
-    response, log = eg.get(f"127.0.0.7:{eg.plain.port}")
+    response, log = eg.get(f"127.0.0.9:{eg.plain.port}")
     assert response.status_code == 502 and log["response_flags"] == "NR"
+
+
+def test_address_in_a_resolution_none_block_goes_to_the_original_destination(
+    eg: Egress,
+) -> None:
+    response, log = eg.get(f"127.0.0.7:{eg.plain.port}", "/none")
+    assert response.status_code == 200 and response.headers["x-served-by"] == "plain"
+    assert log["route"] == "ServiceEntry/egress/legacy-block:registry"
+    assert log["upstream_host"] == f"127.0.0.7:{eg.plain.port}"
 
 
 def test_rate_limit_policy_meters_an_exit_by_host(eg: Egress) -> None:

@@ -52,6 +52,17 @@ spec:
   - {{number: 80, name: http, protocol: HTTP, targetPort: {tls_port}}}
   - {{number: 443, name: tls, protocol: TLS, targetPort: {tls_port}}}
 ---
+# A VirtualService route whose destination is the wildcard host itself.
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: via-route, namespace: egress}}
+spec:
+  hosts: ["*.viavs.wild.example.test"]
+  gateways: [istio-system/egress]
+  http:
+  - name: via-route
+    route: [{{destination: {{host: "*.wild.example.test", port: {{number: 80}}}}}}]
+---
 # TLS origination on port 80 for every example.test host, SNI = the host asked for.
 apiVersion: networking.istio.io/v1
 kind: DestinationRule
@@ -91,7 +102,12 @@ class Setup:
         ca = TestCA(tmp / "pki")
         self.ca = ca.ca_path
         self.dns = DnsServer()
-        five = ["api.dns.example.test", "moving.dns.example.test", "www.wild.example.test"]
+        five = [
+            "api.dns.example.test",
+            "moving.dns.example.test",
+            "www.wild.example.test",
+            "www.viavs.wild.example.test",
+        ]
         six = ["moving.dns.example.test", "other.wild.example.test"]
         self.five = ScriptedBackend(
             tls_port, "five", ca.server_context("five", five, require_client=False), "127.0.0.5"
@@ -198,6 +214,13 @@ def test_wildcard_entry_reaches_each_name_it_covers_by_that_name(eg: Setup) -> N
     response, log = eg.get("other.wild.example.test", "/o")
     assert response.status_code == 200 and response.headers["x-served-by"] == "six"
     assert log["upstream_cluster"] == "outbound|80||other.wild.example.test"
+
+
+def test_route_to_the_wildcard_host_dials_the_name_asked_for(eg: Setup) -> None:
+    response, log = eg.get("www.viavs.wild.example.test", "/v")
+    assert response.status_code == 200 and response.headers["x-served-by"] == "five"
+    assert log["route"] == "VirtualService/egress/via-route:via-route"
+    assert log["upstream_cluster"] == "outbound|80||www.viavs.wild.example.test"
 
 
 def test_wildcard_name_whose_certificate_does_not_carry_it_is_refused(eg: Setup) -> None:
