@@ -215,6 +215,8 @@ spec:
   - matches: [{{path: {{value: /none}}}}]
   - matches: [{{path: {{value: /zero}}}}]
     backendRefs: [{{name: a, port: 80, weight: 0}}]
+  - matches: [{{path: {{value: /partial}}}}]
+    backendRefs: [{{name: a, port: 80}}, {{name: nowhere, port: 80}}]
   - matches: [{{path: {{value: /granted}}}}]
     backendRefs: [{{name: store-v2, namespace: shop, port: 80}}]
   - matches: [{{path: {{value: /denied}}}}]
@@ -512,6 +514,22 @@ def test_rule_with_unusable_backends_answers_500_not_404(lab: Lab, path: str) ->
     record = lab.gateway.log_for(request_id)
     assert record["response_flags"] == "NC"
     assert "HTTPRoute/lab/broken" in record["route"]
+
+
+def test_only_the_unusable_backends_share_of_requests_answers_500(lab: Lab) -> None:
+    # Weights 1:1; 60 requests all landing on one side happens with p = 2 * 2**-60.
+    statuses = [lab.get("broken.test", "/partial").status_code for _ in range(60)]
+    assert set(statuses) == {200, 500}, statuses
+
+
+def test_backend_weights_split_the_traffic(lab: Lab) -> None:
+    # The example's testers' rule: weights 1 (store) to 9 (store-v2). Fewer than 40
+    # of 80 requests to store-v2 has a probability below 1e-20.
+    served = [
+        _served_by(lab.get("shop.example.com", "/", headers={"x-beta": "yes"})) for _ in range(80)
+    ]
+    assert set(served) <= {"store", "store-v2"}
+    assert served.count("store-v2") >= 40, served
 
 
 def test_reference_grant_permits_a_cross_namespace_backend(lab: Lab) -> None:
