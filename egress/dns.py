@@ -29,7 +29,7 @@ import dns.nameserver
 import dns.rdatatype
 import dns.resolver
 
-__all__ = ["ResolutionFailed", "Resolver", "parse_server"]
+__all__ = ["NoDnsServers", "ResolutionFailed", "Resolver", "parse_server"]
 
 log = logging.getLogger("meshgate.egress.dns")
 
@@ -38,6 +38,10 @@ _MAX_CACHED = 4096  # names; the cache is dropped whole past this (a bound, not 
 
 class ResolutionFailed(Exception):
     """A name could not be resolved; the message says why."""
+
+
+class NoDnsServers(Exception):
+    """No server was given and the resolver configuration names none."""
 
 
 def parse_server(text: str) -> tuple[str, int]:
@@ -69,7 +73,11 @@ class Resolver:
     """A TTL-honouring cache in front of dnspython's asyncio resolver."""
 
     def __init__(
-        self, servers: Sequence[str] = (), timeout_s: float = 5.0, min_ttl_s: float = 0.0
+        self,
+        servers: Sequence[str] = (),
+        timeout_s: float = 5.0,
+        min_ttl_s: float = 0.0,
+        resolv_conf: str = "/etc/resolv.conf",
     ) -> None:
         if servers:
             resolver = dns.asyncresolver.Resolver(configure=False)
@@ -78,7 +86,12 @@ class Resolver:
                 for host, port in (parse_server(s) for s in servers)
             ]
         else:
-            resolver = dns.asyncresolver.Resolver(configure=True)
+            try:
+                resolver = dns.asyncresolver.Resolver(filename=resolv_conf)
+            except dns.resolver.NoResolverConfiguration as exc:
+                raise NoDnsServers(
+                    f"no DNS server to ask: {resolv_conf}: {exc}; give --dns-server"
+                ) from exc
         # One deadline for the whole lookup, servers and retries included.
         resolver.lifetime = timeout_s
         resolver.timeout = timeout_s

@@ -387,13 +387,19 @@ def _egress_mode(args: argparse.Namespace) -> tuple[dict[str, str], str, object]
     if not is_egress:
         return dict(labels), workload, None
     from egress import REGISTRY_ONLY, EgressSettings
-    from egress.dns import parse_server
+    from egress.dns import NoDnsServers, Resolver, parse_server
 
     for server in args.dns_server:
         try:
             parse_server(server)
         except ValueError as exc:
             print(f"meshgate: --dns-server {server!r}: {exc}", file=sys.stderr)
+            raise SystemExit(2) from exc
+    if not args.dns_server:
+        try:
+            Resolver()  # reads /etc/resolv.conf: fail here, not in every worker
+        except NoDnsServers as exc:
+            print(f"meshgate: {exc}", file=sys.stderr)
             raise SystemExit(2) from exc
     settings = EgressSettings(
         outbound_traffic_policy=args.outbound_traffic_policy or REGISTRY_ONLY,

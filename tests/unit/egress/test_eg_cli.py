@@ -26,14 +26,22 @@ def test_run_stays_an_ingress_gateway() -> None:
 
 
 def test_run_with_egress_labels_or_a_policy_is_an_egress_gateway() -> None:
-    assert _mode("run", "c/", "--labels", "istio=egressgateway")[2] is not None
-    _, _, settings = _mode("run", "c/", "--outbound-traffic-policy", "ALLOW_ANY")
+    dns = ("--dns-server", "127.0.0.1")
+    assert _mode("run", "c/", "--labels", "istio=egressgateway", *dns)[2] is not None
+    _, _, settings = _mode("run", "c/", "--outbound-traffic-policy", "ALLOW_ANY", *dns)
     assert settings.outbound_traffic_policy == ALLOW_ANY  # type: ignore[attr-defined]
 
 
 def test_explicit_labels_and_workload_win_over_the_egress_defaults() -> None:
     labels, workload, _ = _mode(
-        "egress", "c/", "--labels", "istio=egressgateway,app=out", "--workload-name", "exit"
+        "egress",
+        "c/",
+        "--labels",
+        "istio=egressgateway,app=out",
+        "--workload-name",
+        "exit",
+        "--dns-server",
+        "127.0.0.1",
     )
     assert labels == {"istio": "egressgateway", "app": "out"} and workload == "exit"
 

@@ -6,11 +6,12 @@ import asyncio
 import socket
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from dns_server import DnsServer
 
-from egress.dns import ResolutionFailed, Resolver, parse_server
+from egress.dns import NoDnsServers, ResolutionFailed, Resolver, parse_server
 
 
 @pytest.fixture
@@ -108,3 +109,12 @@ def test_dns_server_addresses_parse(text: str, parsed: tuple[str, int]) -> None:
 def test_bad_dns_server_addresses_are_refused(text: str) -> None:
     with pytest.raises(ValueError):
         parse_server(text)
+
+
+def test_no_servers_given_and_none_configured_is_said_plainly(tmp_path: Path) -> None:
+    conf = tmp_path / "resolv.conf"
+    conf.write_text("search example.test\n")
+    with pytest.raises(NoDnsServers, match="give --dns-server"):
+        Resolver(resolv_conf=str(conf))
+    conf.write_text("nameserver 127.0.0.1\n")
+    Resolver(resolv_conf=str(conf))  # configured now: no complaint
