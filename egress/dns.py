@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import math
 import time
 from collections.abc import Sequence
 
@@ -106,11 +107,15 @@ class Resolver:
 
     def cached(self, name: str) -> tuple[str, ...] | None:
         """The addresses of ``name`` while its answer is fresh, else None; no I/O."""
-        if _is_ip(name):
-            return (name,)
         entry = self._cache.get(name)
         if entry is None:
-            return None
+            if not _is_ip(name):
+                return None
+            # Kept for good: an address is its own answer, and the dict probe is
+            # cheaper than parsing it again on every request.
+            if len(self._cache) >= _MAX_CACHED:
+                self._cache.clear()
+            entry = self._cache[name] = (math.inf, (name,))
         if entry[0] <= time.monotonic():
             del self._cache[name]
             return None
