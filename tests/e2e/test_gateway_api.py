@@ -5,7 +5,8 @@ Each test is one semantic of the Gateway API specification (HTTPRoute and GRPCRo
 reference, and the behaviour its conformance suite checks): precedence across routes,
 hostname intersection, the Host port, PathPrefix on whole segments, name case,
 redirect ports, prefix rewrites, 500 for unusable backends, plus HTTPS listeners,
-mirrors, timeouts, header filters, ReferenceGrant and the status endpoints.
+mirrors, timeouts, header filters, ReferenceGrant, Istio resources and policies on
+the same listener, hot reload and the status endpoints.
 
 One gateway process serves every test (module fixture), so the file stays fast.
 """
@@ -671,3 +672,72 @@ def test_validate_turns_conditions_into_warnings(lab: Lab, tmp_path: Path) -> No
     assert any("RefNotPermitted" in ln for ln in lines), lines
     payload = json.dumps(lines)
     assert "lab.yaml:" in payload
+
+
+# --------------------------------------------------------------------------- reload
+
+RELOAD_BASE = """
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {{name: edge, namespace: default}}
+spec:
+  gatewayClassName: meshgate
+  listeners: [{{name: http, port: {port}, protocol: HTTP}}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: a, namespace: default}}
+spec:
+  hosts: [a.default.svc.cluster.local]
+  ports: [{{number: 80, name: http, protocol: HTTP}}]
+  resolution: STATIC
+  endpoints: [{{address: 127.0.0.1, ports: {{http: {backend}}}}}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: v1, namespace: default}}
+spec:
+  parentRefs: [{{name: edge}}]
+  rules:
+  - matches: [{{path: {{value: /v1}}}}]
+    backendRefs: [{{name: a, port: 80}}]
+"""
+
+RELOAD_ADDED = """
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: v2, namespace: default}
+spec:
+  parentRefs: [{name: edge}]
+  rules:
+  - matches: [{path: {type: %s, value: /v2}}]
+    backendRefs: [{name: a, port: 80}]
+"""
+
+
+def test_gateway_api_changes_reload_and_invalid_ones_keep_the_running_routes(
+    lab: Lab, tmp_path: Path
+) -> None:
+    port, admin = free_ports(2)
+    config = tmp_path / "config"
+    config.mkdir()
+    (config / "base.yaml").write_text(
+        RELOAD_BASE.format(port=port, backend=lab.a.server.server_address[1]), encoding="utf-8"
+    )
+    gateway = Gateway(config, admin, "--reload-interval-s", "0.05")
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+            assert _served_by(client.get("/v1")) == "a"
+            assert client.get("/v2").status_code == 404
+            (config / "added.yaml").write_text(RELOAD_ADDED % "PathPrefix", encoding="utf-8")
+            gateway.wait_stderr(lambda ln: "reload #1 (file change) applied" in ln)
+            assert _served_by(client.get("/v2/x")) == "a"
+            (config / "added.yaml").write_text(RELOAD_ADDED % "Prefix", encoding="utf-8")
+            gateway.wait_stderr(lambda ln: "reload #2 (file change) rejected" in ln)
+            assert _served_by(client.get("/v2/x")) == "a"  # the last good routes serve on
+        dump = httpx.get(f"http://127.0.0.1:{admin}/config_dump", timeout=10).json()
+        (error,) = dump["reload"]["errors"]
+        assert "added.yaml:" in error
+        assert 'HTTPRoute default/v2: spec.rules[0].matches[0].path.type: "Prefix"' in error
+    finally:
+        gateway.stop()
