@@ -241,7 +241,8 @@ class _Binder:
             spec: gw.GatewayClassSpec = res.spec
             mine = spec.controller_name == gw.CONTROLLER_NAME
             ours[res.metadata.name] = mine
-            if mine:
+            # Another meshgate (another --gateway-class) may serve a class of ours.
+            if mine and res.metadata.name in self.classes:
                 accepted = Condition("Accepted", True, "Accepted", "handled by meshgate")
                 self.binding.classes.append((res, [accepted]))
         for res in self.model.gateway_api("Gateway"):
