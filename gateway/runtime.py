@@ -197,10 +197,20 @@ def run(options: RunOptions) -> int:
     if options.workers <= 1:
         import uvloop
 
-        return uvloop.run(
+        code = uvloop.run(
             _serve_worker(options, snapshot, ports, admin=True, ready_fd=None, buckets=buckets)
         )
+        _ignore_stop_signals()
+        return code
     return _supervise(options, snapshot, ports, buckets)
+
+
+def _ignore_stop_signals() -> None:
+    """The gateway has drained and its loop is closed, which gives SIGTERM and SIGINT
+    back their default action: a second SIGTERM (an impatient supervisor) during the
+    interpreter's own teardown would turn a clean exit into a kill."""
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 async def _serve_worker(
@@ -405,7 +415,9 @@ def _supervise(options: RunOptions, snapshot: Snapshot, ports: list[int], bucket
         children.append(pid)
     os.close(ready_write)
     try:
-        return uvloop.run(_parent(options, snapshot, ports, children, ready_read))
+        code = uvloop.run(_parent(options, snapshot, ports, children, ready_read))
+        _ignore_stop_signals()
+        return code
     finally:
         shutil.rmtree(stats_dir, ignore_errors=True)
 
