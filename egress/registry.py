@@ -77,10 +77,6 @@ class ExternalService:
         # Istio's default location is MESH_EXTERNAL.
         return self.location != "MESH_INTERNAL"
 
-    @property
-    def wildcard(self) -> bool:
-        return self.host.startswith("*")
-
     def to_dict(self) -> dict[str, Any]:
         return {
             "host": self.host,

@@ -2,13 +2,14 @@
 
 Only the gateway's listener ports are changed (to free ones). The example's names
 are answered by a DNS server on 127.0.0.1 (``--dns-server``) and point at an HTTPS
-server on 127.0.0.5:443 with a certificate from a test CA, so nothing leaves
-loopback. That CA is not in the system trust store the example's TLS origination
-verifies against, which is what the first test shows.
+server on port 443 of a random loopback address, with a certificate from a test CA,
+so nothing leaves loopback. That CA is not in the system trust store the example's
+TLS origination verifies against, which is what the first test shows.
 """
 
 from __future__ import annotations
 
+import random
 import shutil
 import socket
 import ssl
@@ -32,13 +33,17 @@ class Setup:
         self.ca = ca.ca_path
         names = ["api.example.com", "www.cdn.example.com"]
         context = ca.server_context("external", names, require_client=False)
+        # The example dials port 443 as written; an address of loopback's /8 picked
+        # at random keeps two test runs on one machine from wanting the same socket.
+        rnd = random.Random()
+        self.address = f"127.{rnd.randint(1, 254)}.{rnd.randint(0, 255)}.{rnd.randint(2, 254)}"
         try:
-            self.backend = ScriptedBackend(443, "external", context, address="127.0.0.5")
+            self.backend = ScriptedBackend(443, "external", context, address=self.address)
         except OSError as exc:
-            pytest.skip(f"the example's external service needs 127.0.0.5:443: {exc}")
+            pytest.skip(f"the example's external service needs {self.address}:443: {exc}")
         self.dns = DnsServer()
         for name in names:
-            self.dns.set(name, ["127.0.0.5"], ttl=60)
+            self.dns.set(name, [self.address], ttl=60)
         self.port, self.tls_port, admin = free_ports(3)
         config = tmp / "egress"
         shutil.copytree(EXAMPLE, config)
@@ -90,7 +95,7 @@ def test_plain_http_is_originated_as_tls_and_an_untrusted_certificate_refused(
     assert response.status_code == 503
     log = eg.gateway.log_for(rid)
     assert log["route"] == "VirtualService/egress/api-example-com"
-    assert log["response_flags"] == "UF" and log["upstream_host"] == "127.0.0.5:443"
+    assert log["response_flags"] == "UF" and log["upstream_host"] == f"{eg.address}:443"
     eg.gateway.wait_stderr(
         lambda ln: "outbound|80||api.example.com" in ln and "CERTIFICATE_VERIFY_FAILED" in ln
     )
