@@ -154,6 +154,18 @@ spec:
   resolution: NONE
   ports: [{{number: {plain_port}, name: http, protocol: HTTP}}]
 ---
+# Declared, but nothing listens there.
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: down, namespace: egress}}
+spec:
+  hosts: [down.example.test]
+  resolution: STATIC
+  ports:
+  - {{number: 443, name: tls, protocol: TLS, targetPort: {dead_port}}}
+  - {{number: {sni_port}, name: tls-sni, protocol: TLS, targetPort: {dead_port}}}
+  endpoints: [{{address: 127.0.0.7}}]
+---
 # A metered exit: two requests a minute, per gateway.
 apiVersion: networking.istio.io/v1
 kind: ServiceEntry
@@ -191,7 +203,7 @@ spec:
 
 class Egress:
     def __init__(self, tmp: Path) -> None:
-        self.port, admin, self.sni_port = free_ports(3)
+        self.port, admin, self.sni_port, dead_port = free_ports(4)
         ca = TestCA(tmp / "pki")
         other = TestCA(tmp / "other-pki", "another CA")
         self.ca = ca.ca_path
@@ -210,6 +222,7 @@ class Egress:
             CONFIG.format(
                 port=self.port,
                 sni_port=self.sni_port,
+                dead_port=dead_port,
                 plain_port=self.plain.port,
                 tls_port=self.tls.port,
                 ca=ca.ca_path,
@@ -403,6 +416,16 @@ def test_connect_to_an_unregistered_host_is_refused(eg: Egress) -> None:
     )
 
 
+def test_connect_to_an_unreachable_endpoint_is_503_uf(eg: Egress) -> None:
+    answer = _connect(eg.port, "down.example.test:443")
+    assert answer.startswith(b"HTTP/1.1 503")
+    log = eg.gateway.log_where(lambda r: r["authority"] == "down.example.test:443")
+    assert (
+        log["response_flags"] == "UF"
+        and log["upstream_cluster"] == "outbound|443||down.example.test"
+    )
+
+
 def test_connect_to_an_undeclared_port_is_refused(eg: Egress) -> None:
     answer = _connect(eg.port, "api.example.test:8443")
     assert answer.startswith(b"HTTP/1.1 502")
@@ -474,3 +497,29 @@ def test_a_service_entry_added_on_reload_opens_that_exit(eg: Egress) -> None:
     response, log = eg.get("late.example.test", "/after")
     assert response.status_code == 200 and response.headers["x-served-by"] == "plain"
     assert log["route"] == "ServiceEntry/egress/late:registry"
+
+
+def test_sni_passthrough_to_an_unreachable_endpoint_is_reset_and_logged_uf(eg: Egress) -> None:
+    with pytest.raises((ssl.SSLError, ConnectionError)):
+        _tls_get(eg, "down.example.test")
+    log = eg.gateway.log_where(lambda r: r["authority"] == f"down.example.test:{eg.sni_port}")
+    assert log["response_flags"] == "UF"
+
+
+def test_tunnels_are_counted_with_the_external_host_as_destination(eg: Egress) -> None:
+    answer = _tls_get(eg, "api.example.test")  # SNI passthrough: status 0
+    assert answer.startswith(b"HTTP/1.1 200")
+    _connect(eg.port, "counted.unknown.example.test:443")  # refused CONNECT
+    # Each is counted when its access-log line is written, in the same step.
+    eg.gateway.log_where(lambda r: r["authority"] == f"api.example.test:{eg.sni_port}")
+    eg.gateway.log_where(lambda r: r["authority"] == "counted.unknown.example.test:443")
+    text = httpx.get(f"http://127.0.0.1:{eg.admin}/metrics", timeout=10).text
+    totals = [line for line in text.splitlines() if line.startswith("istio_requests_total{")]
+    assert any(
+        'destination_service="api.example.test"' in line and 'response_code="0"' in line
+        for line in totals
+    ), totals
+    assert any(
+        'destination_service="BlackHoleCluster"' in line and 'response_flags="NR"' in line
+        for line in totals
+    ), totals
