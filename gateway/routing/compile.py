@@ -8,6 +8,9 @@ to this workload, which match entries survive the compile-time filters
 (``sourceLabels``, ``gateways``, ``port``), the order of merged VirtualServices, the
 cluster each destination names, regexes compiled, header names lower-cased.
 
+Gateway API resources are translated by ``gatewayapi.py`` and merged here, port by
+port, into the same listeners; their backends resolve to the same clusters.
+
 It leaves validation to ``gateway.config`` (the Model is assumed valid, but a
 dangling reference never crashes: it compiles to something the data plane answers
 with a clean error), request matching to ``match.py`` and serialisation to
