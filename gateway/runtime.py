@@ -278,13 +278,14 @@ async def _serve_worker(
     tls_listeners = [
         snapshot.listeners[port] for port in ports if snapshot.listeners[port].tls_servers
     ]
-    if tls_listeners:
-        from .server.tls import CertificateStore
+    # Made even without a TLS listener, so that one a reload adds finds it.
+    from .server.tls import CertificateStore
 
-        listeners.certificates = CertificateStore(tls_listeners, options.credentials_dir)
-        listeners.snapshot_ref = snapshot_ref
-        for problem in listeners.certificates.errors():
-            _say(f"TLS: {problem}")
+    listeners.certificates = CertificateStore(tls_listeners, options.credentials_dir)
+    listeners.snapshot_ref = snapshot_ref
+    for problem in listeners.certificates.errors():
+        _say(f"TLS: {problem}")
+    http3: Any = None
 
     async def follow_reload(old: Snapshot, new: Snapshot) -> list[str]:
         from .server.listeners import partition_listeners
@@ -296,7 +297,49 @@ async def _serve_worker(
         def served(snap: Snapshot) -> set[int]:
             return {lst.port for lst in partition_listeners(snap.listeners.values())[0]}
 
-        return await rebind_listeners(listeners, old, new, served)
+        problems = await rebind_listeners(listeners, old, new, served)
+        store = listeners.certificates
+        store.start(options.cert_poll_s)  # a first TLS port may have come with this reload
+        problems.extend(await follow_http3(old, new, served(new)))
+        return problems
+
+    async def follow_http3(old: Snapshot, new: Snapshot, ports: set[int]) -> list[str]:
+        """HTTP/3 for the HTTPS ports of the new Snapshot: started on new ones,
+        stopped on removed ones, restarted where the TLS servers changed."""
+        nonlocal http3
+
+        def https(snapshot: Snapshot, port: int) -> bool:
+            listener = snapshot.listeners.get(port)
+            return (
+                listener is not None
+                and listener.protocol.upper() == "HTTPS"
+                and bool(listener.tls_servers)
+            )
+
+        wanted = {port for port in ports if https(new, port)}
+        if http3 is None and not wanted:
+            return []
+        if http3 is None:
+            from .server.http3 import HTTP3Listeners
+
+            http3 = HTTP3Listeners(pipeline, settings, options.address)
+        for port in list(http3.listeners):
+            if port not in wanted or (
+                not https(old, port)
+                or old.listeners[port].tls_servers != new.listeners[port].tls_servers
+            ):
+                await http3.stop_port(port, options.drain_timeout_s)
+        problems: list[str] = []
+        for port in sorted(wanted - set(http3.listeners)):
+            try:
+                notes = await http3.start([new.listeners[port]], listeners.certificates)
+            except OSError as exc:
+                problems.append(f"HTTP/3 not served on UDP port {port}: {exc}")
+                continue
+            for note in notes:
+                _say(f"HTTP/3: {note}")
+        http3.start_watch(options.cert_poll_s)
+        return problems
 
     services.on_applied(follow_reload)
     admin_stop = asyncio.Event()
@@ -327,10 +370,7 @@ async def _serve_worker(
     # HTTP/3 on the UDP side of each HTTPS port; alt-svc only once that port is bound.
     # aioquic and the adapter are about 7 MB of every worker's memory, so they are
     # loaded only when there is an HTTPS port to serve HTTP/3 on.
-    http3: Any = None
-    if listeners.certificates is not None and any(
-        listener.protocol.upper() == "HTTPS" for listener in tls_listeners
-    ):
+    if any(listener.protocol.upper() == "HTTPS" for listener in tls_listeners):
         from .server.http3 import start_http3
 
         http3 = await start_http3(

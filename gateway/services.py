@@ -159,35 +159,41 @@ class ProcessServices:
 async def rebind_listeners(
     listeners: Any, old: Snapshot, new: Snapshot, served: Callable[[Snapshot], set[int]]
 ) -> list[str]:
-    """Bind the cleartext listener ports a reload added; close the ones it removed.
+    """Bind the listener ports a reload added; close the ones it removed; give TLS
+    ports whose servers changed their new certificates and settings.
 
     A removed port stops accepting at once; its open connections finish the request
     they are on and are then closed (the graceful shutdown of each connection), since
-    nothing routes on that port any more. Ports that need certificates (TLS listeners)
-    are not bound or unbound by a reload: that is reported, and needs a restart.
+    nothing routes on that port any more. A port that turns from cleartext to TLS or
+    back is closed and bound again. Open TLS connections keep the certificate and
+    settings they negotiated; new handshakes get the new ones.
     """
     problems: list[str] = []
     before, after = served(old), served(new)
-    for port in sorted(after - before):
-        if getattr(new.listeners[port], "tls_servers", None):
-            problems.append(f"TLS listener on port {port} is new: restart to serve it")
-            continue
+
+    def is_tls(snapshot: Snapshot, port: int) -> bool:
+        return bool(getattr(snapshot.listeners[port], "tls_servers", None))
+
+    flipped = {port for port in before & after if is_tls(old, port) != is_tls(new, port)}
+    for port in sorted((before - after) | flipped):
+        listeners.close_port(port)
+    store = listeners.certificates
+    if store is not None:
+        store.apply(new.listeners[port] for port in sorted(after) if is_tls(new, port))
+    for port in sorted((after - before) | flipped):
         try:
-            await listeners.start([port])
+            if is_tls(new, port):
+                if store is None:
+                    problems.append(f"TLS listener on port {port} is new: restart to serve it")
+                    continue
+                await listeners.start_tls([new.listeners[port]])
+                problems.extend(
+                    f"TLS: {problem}"
+                    for problem in store.errors()
+                    if problem.startswith(f"port {port}:")
+                )
+            else:
+                await listeners.start([port])
         except OSError as exc:
             problems.append(f"cannot bind port {port}: {exc}")
-    for port in sorted(before - after):
-        if getattr(old.listeners[port], "tls_servers", None):
-            problems.append(f"TLS listener on port {port} was removed: restart to close it")
-            continue
-        for server in list(listeners.servers):
-            sockets = server.sockets or ()
-            if any(s.getsockname()[1] == port for s in sockets):
-                server.close()
-                listeners.servers.remove(server)
-        with contextlib.suppress(ValueError):
-            listeners.ports.remove(port)
-        for conn in list(listeners.connections):
-            if getattr(conn, "port", None) == port:
-                conn.shutdown()
     return problems

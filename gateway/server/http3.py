@@ -1052,6 +1052,14 @@ class HTTP3Listeners:
             except Exception:  # never let the watcher die silently
                 logger.exception("HTTP/3 certificate refresh failed")
 
+    async def stop_port(self, port: int, drain_s: float = 5.0) -> None:
+        """``stop`` for one port (a reload removed or changed its HTTPS listener)."""
+        quic_listener = self.listeners.pop(port, None)
+        self._generations.pop(port, None)
+        self._servable.pop(port, None)
+        if quic_listener is not None:
+            await quic_listener.stop(drain_s)
+
     async def stop(self, drain_s: float = 5.0) -> None:
         """Withdraw alt-svc, GOAWAY every connection, drain, close the sockets."""
         task, self._task = self._task, None

@@ -146,6 +146,20 @@ class ListenerSet:
             bound_ports.append(server.port)
         return bound_ports
 
+    def close_port(self, port: int) -> None:
+        """Stop accepting on ``port`` at once; its open connections finish the
+        request they are on and are then closed (a reload removed the port)."""
+        for server in list(self.servers):
+            sockets = server.sockets or ()
+            if any(s.getsockname()[1] == port for s in sockets):
+                server.close()
+                self.servers.remove(server)
+        with contextlib.suppress(ValueError):
+            self.ports.remove(port)
+        for conn in list(self.connections):
+            if getattr(conn, "port", None) == port:
+                conn.shutdown()
+
     # -- connection tracking --------------------------------------------------------
 
     def _new_connection(self, port: int, scheme: str) -> HTTP1Connection:

@@ -158,6 +158,11 @@ def build_server_context(
             ctx.minimum_version = low
             ctx.maximum_version = high
         ctx.load_cert_chain(paths.cert, paths.key)
+    except FileNotFoundError as exc:
+        # ssl's error names no file; the operator needs to know which one is missing.
+        missing = next((p for p in (paths.cert, paths.key) if not os.path.exists(p)), None)
+        where = f"{missing}: " if missing else ""
+        raise TLSSetupError(f"{where}{exc.strerror or exc}") from exc
     except (OSError, ssl.SSLError, ValueError) as exc:
         raise TLSSetupError(f"{exc}") from exc
     if server.mode in ("MUTUAL", "OPTIONAL_MUTUAL"):
@@ -421,6 +426,35 @@ class CertificateStore:
             self.ports[listener.port] = port_tls
         self._task: asyncio.Task[None] | None = None
         self.reloads = 0  # successful rotations since start, for tests and metrics
+
+    def apply(self, listeners: Iterable[Listener]) -> None:
+        """Follow a reload: the TLS listeners of the new Snapshot. A server whose
+        ``tls`` block is unchanged keeps its entry (and its loaded context); a new or
+        changed one is loaded now; ports no longer listed are dropped. The PortTLS of
+        a port that stays is updated in place, so its bound socket sees the change
+        on the next handshake; open connections keep what they negotiated."""
+        ports: dict[int, PortTLS] = {}
+        for listener in listeners:
+            if not listener.tls_servers:
+                continue
+            port_tls = self.ports.get(listener.port)
+            old_entries = list(port_tls.entries) if port_tls is not None else []
+            entries: list[ServerEntry] = []
+            for server in listener.tls_servers:
+                entry = next((e for e in old_entries if e.server == server), None)
+                if entry is None:
+                    entry = ServerEntry(server)
+                    self._load(entry)
+                else:
+                    old_entries.remove(entry)
+                entries.append(entry)
+            if port_tls is None:
+                port_tls = PortTLS(listener)
+            else:
+                port_tls.listener = listener
+            port_tls.entries = entries
+            ports[listener.port] = port_tls
+        self.ports = ports
 
     # -- loading ------------------------------------------------------------------
 
