@@ -73,6 +73,9 @@ _SWITCHING_H2C = b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUp
 # Header names as received -> lower-case str; the same few dozen names recur.
 _NAMES: dict[bytes, str] = {}
 
+# What a closed connection's ``parser`` becomes: parses nothing, holds no protocol.
+_CLOSED_PARSER: Any = httptools.HttpRequestParser(object())
+
 # Response body framing modes.
 _FIXED, _CHUNKED, _UNTIL_CLOSE, _NONE = 0, 1, 2, 3
 
@@ -482,6 +485,13 @@ class HTTP1Connection(asyncio.Protocol):
         self._queue.clear()
         if self.on_close is not None:
             self.on_close(self)
+        # Break the reference cycles (parser -> self, transport <-> self, stream <->
+        # self) now, so that a closed connection, and the TLS state its transport
+        # holds, is freed at once rather than at the next full garbage collection:
+        # under a stream of short TLS connections that difference is tens of MB.
+        self.parser = _CLOSED_PARSER
+        self.transport = None
+        self._active = self._body_target = self._resume_target = None
 
     def pause_writing(self) -> None:
         self.write_paused = True
