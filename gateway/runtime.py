@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import signal
 import sys
@@ -205,6 +206,16 @@ def run(options: RunOptions) -> int:
     return _supervise(options, snapshot, ports, buckets)
 
 
+def _freeze_heap() -> None:
+    """Move every object alive now (modules, the compiled Snapshot) out of the cyclic
+    garbage collector's sight. A full collection walks every tracked object; with
+    10,000 VirtualServices that is over a million of them, a pause of tens of ms
+    that requests queue behind. Frozen objects are still freed by reference
+    counting when a reload drops them; only a cycle among them would stay."""
+    gc.collect()
+    gc.freeze()
+
+
 def _ignore_stop_signals() -> None:
     """The gateway has drained and its loop is closed, which gives SIGTERM and SIGINT
     back their default action: a second SIGTERM (an impatient supervisor) during the
@@ -297,6 +308,7 @@ async def _serve_worker(
         def served(snap: Snapshot) -> set[int]:
             return {lst.port for lst in partition_listeners(snap.listeners.values())[0]}
 
+        _freeze_heap()  # the new snapshot's objects
         problems = await rebind_listeners(listeners, old, new, served)
         store = listeners.certificates
         store.start(options.cert_poll_s)  # a first TLS port may have come with this reload
@@ -383,6 +395,7 @@ async def _serve_worker(
             _say,
         )
     await services.start(options.stats_dir)
+    _freeze_heap()
     readiness.listeners_up = True
     if ready_fd is not None:
         os.write(ready_fd, b"1")
