@@ -24,26 +24,11 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from gateway.config.errors import Model
-from gateway.config.resources import (
-    Destination,
-    GatewayServer,
-    GatewaySpec,
-    HTTPMatchRequest,
-    HTTPRoute,
-    HTTPRouteDestination,
-    Metadata,
-    Port,
-    PortSelector,
-    Resource,
-    StringMatch,
-    VirtualServiceSpec,
-)
+from routing_model import LABELS, PORT, build_model  # the model the micro-benchmarks use too
+
 from gateway.routing import compile_snapshot, find_virtual_host, match_route
 
 SIZES = (10, 1_000, 10_000)
-PORT = 8080
-LABELS = {"istio": "ingressgateway"}
 COMPILE_LIMIT_S = 5.0
 P99_GROWTH_LIMIT = 2.0
 
@@ -60,45 +45,6 @@ class Request:
 
     def header(self, name: str) -> str | None:
         return self.headers.get(name)
-
-
-def _resource(kind: str, name: str, spec: object) -> Resource:
-    return Resource(
-        api_version="networking.istio.io/v1",
-        kind=kind,
-        metadata=Metadata(name=name, namespace="bench"),
-        spec=spec,
-        source=f"bench:{name}",
-        file="bench",
-    )
-
-
-def _route(i: int, rule: int, match: HTTPMatchRequest) -> HTTPRoute:
-    dest = Destination(host=f"svc{i}-r{rule}.bench.internal", port=PortSelector(80))
-    return HTTPRoute(name=f"r{rule}", match=[match], route=[HTTPRouteDestination(dest)])
-
-
-def build_model(count: int) -> Model:
-    gateway = _resource(
-        "Gateway",
-        "gw",
-        GatewaySpec(
-            selector=dict(LABELS),
-            servers=[GatewayServer(port=Port(PORT, "HTTP", "http"), hosts=["*"])],
-        ),
-    )
-    resources = [gateway]
-    for i in range(count):
-        http = [
-            _route(i, 1, HTTPMatchRequest(uri=StringMatch(prefix=f"/api/{i}/"))),
-            _route(i, 2, HTTPMatchRequest(uri=StringMatch(exact=f"/exact/{i}"))),
-            _route(i, 3, HTTPMatchRequest(uri=StringMatch(regex=r"/re/[0-9]+/item"))),
-            _route(i, 4, HTTPMatchRequest(headers={"x-tenant": StringMatch(exact=f"t{i}")})),
-            _route(i, 5, HTTPMatchRequest(query_params={"mode": StringMatch(exact="fast")})),
-        ]
-        spec = VirtualServiceSpec(hosts=[f"svc{i}.example.com"], gateways=["gw"], http=http)
-        resources.append(_resource("VirtualService", f"vs{i}", spec))
-    return Model(tuple(resources))
 
 
 def make_requests(count: int, lookups: int, rnd: random.Random) -> list[tuple[Request, str]]:

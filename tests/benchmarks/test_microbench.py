@@ -11,6 +11,7 @@ principal set from the cache, an allowed verdict), and nothing asserts a duratio
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,9 @@ import pytest
 pytest.importorskip("pytest_benchmark", reason="pytest-benchmark is not installed: make setup")
 
 from jwt_fixtures import jwks_json, mint, rsa_key
+
+# The VirtualService model lives beside the benchmark scripts, which use it too.
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "loadtest"))
 from routing_model import LABELS, PORT, build_model, make_requests
 
 from gateway.config import load_config

@@ -1,5 +1,5 @@
-"""Helpers (no tests) for the router micro-benchmark: a model of N VirtualServices and
-requests that hit each of their five match rules.
+"""A model of N VirtualServices, and requests that hit each of their five match rules:
+what the router micro-benchmarks (``make microbench``) and ``bench_routing.py`` measure.
 
 Every VirtualService has its own host and five rules (prefix, exact, regex, header,
 query), so a lookup exercises the host index and each kind of match. The model is
