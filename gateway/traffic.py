@@ -848,16 +848,7 @@ class TrafficForwarder:
                 else:
                     await ctx.send_head(response, True)
             else:
-                await ctx.send_head(response, False)
-                while True:
-                    data = await conn.read_body()
-                    done = conn.message_done and not conn.chunks
-                    if not data:
-                        await ctx.send_body(b"", True)
-                        break
-                    await ctx.send_body(data, done)
-                    if done:
-                        break
+                await self.stage._relay(ctx, conn, response)
             if ctx.stream.body_complete():
                 conn.finish()
             else:
