@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
 import httptools
 
@@ -33,6 +34,8 @@ __all__ = ["EndpointPool", "UpstreamConnection", "UpstreamPools"]
 
 DEFAULT_CONNECT_TIMEOUT_S = 10.0  # Istio's default connectTimeout
 _NO_BODY_STATUSES = frozenset({204, 304})
+# What a closed connection's ``parser`` becomes: parses nothing, holds no protocol.
+_CLOSED_PARSER: Any = httptools.HttpResponseParser(object())
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -146,6 +149,10 @@ class UpstreamConnection(asyncio.Protocol):
         if notify is not None:
             self.notify = None
             notify()
+        # Break the cycles (parser -> self, transport <-> self) so that a closed
+        # connection is freed by reference counting, not at the next full collection.
+        self.parser = _CLOSED_PARSER
+        self.transport = None
 
     def pause_writing(self) -> None:
         self._write_paused = True

@@ -52,3 +52,32 @@ def test_a_closed_connection_is_freed_without_the_garbage_collector() -> None:
         asyncio.run(asyncio.wait_for(scenario(), 10))
     finally:
         gc.enable()
+
+
+def test_a_closed_upstream_connection_is_freed_without_the_garbage_collector() -> None:
+    from gateway.routing.table import Endpoint
+    from gateway.upstream.pool import UpstreamConnection, UpstreamPools
+
+    async def scenario() -> None:
+        async def close_at_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.close()
+
+        backend = await asyncio.start_server(close_at_once, "127.0.0.1", 0)
+        port = backend.sockets[0].getsockname()[1]
+        pools = UpstreamPools()
+        conn = await pools.open(pools.pool_for(Endpoint("127.0.0.1", port)))
+        while not conn.closed:
+            await asyncio.sleep(0)  # until connection_lost has run (bounded by wait_for)
+        del conn
+        for _ in range(100):
+            if not any(isinstance(o, UpstreamConnection) for o in gc.get_objects()):
+                break
+            await asyncio.sleep(0)
+        backend.close()
+        assert not any(isinstance(o, UpstreamConnection) for o in gc.get_objects())
+
+    gc.disable()
+    try:
+        asyncio.run(asyncio.wait_for(scenario(), 10))
+    finally:
+        gc.enable()
