@@ -47,7 +47,7 @@ from .routing.table import (
     VirtualHost,
     WeightedCluster,
 )
-from .server.altsvc import ADVERTISED, add_alt_svc
+from .server.altsvc import ADVERTISED, add_alt_svc, alt_svc_header
 from .server.events import DownstreamStream, RequestHead, ResponseHead
 from .traffic import TrafficForwarder
 from .upstream.pool import EndpointPool, UpstreamConnection, UpstreamPools
@@ -919,13 +919,14 @@ class _Exchange:
             if (
                 route.response_headers.empty  # type: ignore[union-attr]
                 and ctx.destination.response_headers.empty  # type: ignore[union-attr]
-                and not ctx.cors_headers
-                and not ctx.ratelimit_headers
-                and not ADVERTISED
             ):
-                # Nothing edits the response head: the upstream's header lines go
-                # out as they came, less the hop-by-hop ones.
+                # No route edits the response head: the upstream's header lines go
+                # out as they came, less the hop-by-hop ones, followed by what the
+                # gateway appends (CORS, rate-limit figures, alt-svc), in the order
+                # the general path appends them.
                 raw = _passthrough_lines(conn.headers)
+                if raw is not None and (ctx.cors_headers or ctx.ratelimit_headers or ADVERTISED):
+                    raw = (raw[0] + _appended_lines(ctx, status), raw[1])
             if raw is None:
                 response = ResponseHead(status, self.stage._response_headers(ctx, conn.headers))
         except Exception as exc:  # a bug: the pipeline answers 500 and logs it
@@ -1024,6 +1025,24 @@ def _passthrough_lines(raw: list[tuple[bytes, bytes]]) -> tuple[bytes, bool] | N
         return b"", False
     pairs = zip(kept_names, map(_SECOND_ITEM, pick(raw)), strict=True)
     return b"\r\n".join(map(_COLON_JOIN_BYTES, pairs)) + b"\r\n", has_length
+
+
+def _appended_lines(ctx: RequestContext, status: int) -> bytes:
+    """The header lines the gateway adds after the upstream's: CORS, the rate-limit
+    figures (``finish_response_headers``), then ``alt-svc`` (``add_alt_svc``)."""
+    extra: list[tuple[str, str]] = []
+    if ctx.cors_headers:
+        extra += ctx.cors_headers
+    if ctx.ratelimit_headers:
+        extra += ctx.ratelimit_headers
+    head = ctx.head
+    if ADVERTISED and status >= 200 and head.scheme == "https":
+        value = alt_svc_header(head.port, head.http_version)
+        if value is not None:
+            extra.append(("alt-svc", value))
+    if not extra:
+        return b""
+    return f"{_CRLF_JOIN(map(_COLON_JOIN, extra))}\r\n".encode("latin-1")
 
 
 async def _raise(error: BaseException) -> None:

@@ -68,3 +68,29 @@ def test_the_usual_nginx_head_passes_through() -> None:
         b"server: nginx\r\ncontent-type: text/plain\r\ncontent-length: 100\r\n",
         True,
     )
+
+
+def test_appended_headers_follow_in_the_general_paths_order() -> None:
+    from gateway.server import altsvc
+    from gateway.server.events import ResponseHead
+    from gateway.stages import _appended_lines
+
+    head = RequestHead(
+        method="GET", path="/", query="", authority="a", scheme="https", headers=[], port=8443
+    )
+    ctx = RequestContext(_Stream(head), None, 0.0, 0.0)  # type: ignore[arg-type]
+    ctx.cors_headers = [("access-control-allow-origin", "https://x.test")]
+    ctx.ratelimit_headers = [("ratelimit-limit", "10"), ("ratelimit-remaining", "9")]
+    raw = [(b"Content-Length", b"2"), (b"Connection", b"keep-alive")]
+    altsvc.advertise(8443)
+    try:
+        general = UpstreamStage._response_headers(None, ctx, raw)  # type: ignore[arg-type]
+        response = ResponseHead(200, general)
+        altsvc.add_alt_svc(head, response)
+        expected = "".join(f"{n}: {v}\r\n" for n, v in response.headers).encode("latin-1")
+        lines, has_length = _passthrough_lines(raw)  # type: ignore[misc]
+        assert lines + _appended_lines(ctx, 200) == expected
+        assert has_length
+        assert b"alt-svc: " in expected  # the case is not vacuous
+    finally:
+        altsvc.withdraw(8443)
