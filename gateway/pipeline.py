@@ -123,20 +123,7 @@ class Pipeline:
             rejection = getattr(stream, "rejection", None)
             if rejection is not None:
                 raise rejection
-            for stage in self.stages:
-                reply = stage.on_request(ctx)
-                if reply is not None:
-                    if reply.__class__ is not LocalReply:
-                        # A stage marked ``is_async`` returned a coroutine: it must
-                        # wait (a JWKS refetch, an external authorizer). Sync stages
-                        # and the usual paths never get here.
-                        reply = await reply
-                        if reply is None:
-                            continue
-                    await self._reply(ctx, reply)
-                    break
-            else:
-                await self.upstream.forward(ctx)
+            await self._run(ctx, self.stages)
         except (Exception, asyncio.CancelledError) as exc:
             await self._recover(ctx, exc)
         finally:
@@ -180,23 +167,30 @@ class Pipeline:
         finally:
             self._complete(ctx)
 
+    async def _run(self, ctx: RequestContext, stages: tuple[Any, ...]) -> None:
+        """``stages`` in order, then the upstream; a stage's reply ends the request."""
+        for stage in stages:
+            reply = stage.on_request(ctx)
+            if reply is not None:
+                if reply.__class__ is not LocalReply:
+                    # A stage marked ``is_async`` returned a coroutine: it must wait
+                    # (a JWKS refetch, an external authorizer). Sync stages and the
+                    # usual paths never get here.
+                    reply = await reply
+                    if reply is None:
+                        continue
+                await self._reply(ctx, reply)
+                return
+        await self.upstream.forward(ctx)
+
     async def _after_stage(self, ctx: RequestContext, index: int, reply: Any) -> None:
         """Go on after stage ``index`` answered ``reply`` (a LocalReply, or the
         coroutine of an async stage)."""
         if reply.__class__ is not LocalReply:
             reply = await reply
             if reply is None:
-                for stage in self.stages[index + 1 :]:
-                    reply = stage.on_request(ctx)
-                    if reply is not None:
-                        if reply.__class__ is not LocalReply:
-                            reply = await reply
-                            if reply is None:
-                                continue
-                        break
-                else:
-                    await self.upstream.forward(ctx)
-                    return
+                await self._run(ctx, self.stages[index + 1 :])
+                return
         await self._reply(ctx, reply)
 
     async def _recover(self, ctx: RequestContext, exc: BaseException) -> None:
