@@ -16,6 +16,21 @@ from bisect import bisect_right
 from collections.abc import Mapping
 from typing import Any, Protocol
 
+from .plan import (
+    OP_HEADER_EXACT,
+    OP_HEADER_MATCH,
+    OP_HEADER_PRESENT,
+    OP_METHOD_EXACT,
+    OP_METHOD_MATCH,
+    OP_QUERY_EXACT,
+    OP_QUERY_MATCH,
+    OP_QUERY_PRESENT,
+    OP_URI_EXACT,
+    OP_URI_MATCH,
+    OP_URI_PREFIX,
+    OP_URI_REGEX,
+    OP_URI_SEGMENTS,
+)
 from .table import (
     ClaimMatch,
     Forward,
@@ -212,15 +227,95 @@ def match_route(
     the conditions inside one entry are AND-ed. The query string is parsed at most
     once, and only if a route asks about it. ``claims`` are those of the verified
     JWT (None without one); only ``@request.auth.claims`` conditions read them.
+
+    It walks ``vhost.plan``, the routes flattened at compile time (plan.py), so a
+    lookup reads one tuple and the strings it compares instead of four objects per
+    route: with many hosts, those objects are rarely in the CPU caches.
     """
-    params: list[dict[str, str]] = []
-    for route in vhost.routes:
-        matches = route.matches
-        if not matches:
-            return route
-        for m in matches:
-            if _accepts(m, request, params, claims):
-                return route
+    plan = vhost.plan
+    size = len(plan)
+    path = request.path
+    params: dict[str, str] | None = None
+    start = 0
+    while start < size:
+        end = plan[start]
+        i = start + 2
+        while i < end:
+            op = plan[i]
+            if op == OP_URI_PREFIX:
+                if len(path) < plan[i + 1] or not path.startswith(plan[i + 2]):
+                    break
+                i += 3
+            elif op == OP_URI_EXACT:
+                if len(path) != plan[i + 1] or path != plan[i + 2]:
+                    break
+                i += 3
+            elif op == OP_URI_REGEX:
+                # The literal prefix turns most paths away without running the regex.
+                if not path.startswith(plan[i + 1]) or plan[i + 2].fullmatch(path) is None:
+                    break
+                i += 3
+            # A value is read only once the request has the header or parameter: it
+            # is the one part of these ops that is not shared between hosts.
+            elif op == OP_HEADER_EXACT:
+                value = request.header(plan[i + 1])
+                if value is None or value != plan[i + 2]:
+                    break
+                i += 3
+            elif op == OP_QUERY_EXACT:
+                if params is None:
+                    params = parse_query(request.query)
+                value = params.get(plan[i + 1])
+                if value is None or value != plan[i + 2]:
+                    break
+                i += 3
+            elif op == OP_METHOD_EXACT:
+                if request.method != plan[i + 1]:
+                    break
+                i += 2
+            elif op == OP_URI_SEGMENTS:
+                value = plan[i + 1]
+                size_v = len(value)
+                if not path.startswith(value) or (len(path) != size_v and path[size_v] != "/"):
+                    break
+                i += 2
+            elif op == OP_HEADER_PRESENT:
+                if request.header(plan[i + 1]) is None:
+                    break
+                i += 2
+            elif op == OP_QUERY_PRESENT:
+                if params is None:
+                    params = parse_query(request.query)
+                if plan[i + 1] not in params:
+                    break
+                i += 2
+            elif op == OP_URI_MATCH:
+                if not plan[i + 1].matches(path):
+                    break
+                i += 2
+            elif op == OP_METHOD_MATCH:
+                if not plan[i + 1].matches(request.method):
+                    break
+                i += 2
+            elif op == OP_HEADER_MATCH:
+                value = request.header(plan[i + 1])
+                if value is None or not plan[i + 2].matches(value):
+                    break
+                i += 3
+            elif op == OP_QUERY_MATCH:
+                if params is None:
+                    params = parse_query(request.query)
+                value = params.get(plan[i + 1])
+                if value is None or not plan[i + 2].matches(value):
+                    break
+                i += 3
+            else:  # OP_REST
+                if not _accepts(plan[i + 1], request, [], claims):
+                    break
+                i += 2
+        else:
+            return plan[start + 1]
+        start = end
     return None
 
 

@@ -13,6 +13,7 @@ Shape:
         Listener.wildcard_hosts: "*.suffix" -> VirtualHost   (looked up label by label)
         Listener.catch_all: the VirtualHost of "*", if any
           VirtualHost.routes: ordered Routes, first match wins (Istio's order)
+          VirtualHost.plan: the same routes as one flat tuple, what a lookup walks
             Route.matches: OR of RouteMatch; each RouteMatch ANDs its conditions
             Route.action: Forward | Redirect | DirectResponse
       clusters: name -> Cluster (endpoints + traffic policy)
@@ -27,6 +28,8 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from .plan import compile_plan
 
 __all__ = [
     "INVALID_BACKEND_PREFIX",
@@ -261,6 +264,12 @@ class VirtualHost:
     name: str  # "host:port" as Envoy names gateway virtual hosts
     domains: tuple[str, ...]
     routes: tuple[Route, ...]
+    # ``routes`` flattened for ``match_route`` (see plan.py): derived, so it is
+    # neither compared, dumped nor given to the constructor.
+    plan: tuple[Any, ...] = field(default=(), init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "plan", compile_plan(self.routes))
 
 
 @dataclass(frozen=True, slots=True)
