@@ -423,6 +423,13 @@ class H2Protocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
         self._transport_gone()
+        # Break the reference cycles (the event table's bound methods -> self,
+        # transport <-> self, blocked streams <-> self) now, so that a closed
+        # connection and the TLS state its transport holds are freed at once rather
+        # than at the next full garbage collection (as HTTP/1.1 does).
+        self._transport = None
+        self._on = {}
+        self._window_blocked.clear()
 
     def pause_writing(self) -> None:
         # Stop reading too: control frames (PING, SETTINGS) make h2 queue replies, and a
