@@ -149,6 +149,14 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     limits.add_argument("--idle-timeout-s", type=float, help="idle keep-alive connections")
     limits.add_argument("--drain-timeout-s", type=float, default=5.0, help="graceful stop (5)")
+    limits.add_argument(
+        "--malloc-mmap-threshold",
+        type=int,
+        default=128 * 1024,
+        metavar="BYTES",
+        help="glibc: blocks this large get their own mapping, returned when freed "
+        "(131072; 0: glibc's dynamic default; docs/performance.md)",
+    )
     ratelimit = run.add_argument_group("rate limits (docs/ratelimit.md)")
     ratelimit.add_argument(
         "--redis-url",
@@ -364,6 +372,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         authn=_authn_settings(args),
         ratelimit=_ratelimit_settings(args),
         egress=egress,
+        malloc_mmap_threshold=args.malloc_mmap_threshold,
     )
     return run(options)
 

@@ -59,6 +59,8 @@ class RunOptions:
     workload_name: str = "meshgate-ingressgateway"  # source_workload in metrics
     stats_dir: str | None = None  # set by the supervisor: where workers answer the parent
     egress: Any = None  # egress.EgressSettings: serve as an egress gateway; None: ingress
+    # glibc M_MMAP_THRESHOLD (gateway.memory): 0 leaves glibc's dynamic threshold.
+    malloc_mmap_threshold: int = 128 * 1024
 
 
 class SnapshotRef:
@@ -176,6 +178,12 @@ def load_snapshot(options: RunOptions) -> Snapshot | None:
 
 def run(options: RunOptions) -> int:
     """Serve until SIGTERM/SIGINT; returns the process exit code."""
+    from .memory import tune_malloc
+
+    # Before any connection's buffers are allocated; forked workers inherit it.
+    problem = tune_malloc(options.malloc_mmap_threshold)
+    if problem is not None:
+        _say(f"memory: {problem}")
     snapshot = load_snapshot(options)
     if snapshot is None:
         return 1

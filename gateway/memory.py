@@ -1,0 +1,64 @@
+"""glibc malloc settings made at start-up, through ctypes (docs/performance.md, memory).
+
+Every TLS connection on uvloop owns a 256 KiB read buffer, allocated with ``malloc``
+when the connection is made and freed when it closes. glibc serves blocks that large
+with ``mmap`` at first, but its *dynamic* threshold rises to the size of the first
+such block freed: from then on every 256 KiB buffer is carved out of the main heap,
+the heap's pages stay resident once a buffer has used them, and live buffers
+scattered through the heap keep it from shrinking. Under a stream of TLS connections
+that is most of the worker's growth.
+
+``tune_malloc`` fixes the threshold (``mallopt(M_MMAP_THRESHOLD)``, which also turns
+the dynamic adjustment off): a block of that size or more gets its own mapping, only
+the pages actually written count as resident, and ``free`` returns it to the system
+at once. Blocks under the threshold (every Python object, OpenSSL's per-connection
+state) still come from the heap.
+
+Not glibc (musl, macOS): nothing is changed and ``tune_malloc`` says so.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+
+__all__ = ["DEFAULT_MMAP_THRESHOLD_BYTES", "tune_malloc"]
+
+# Under uvloop's 256 KiB TLS read buffer, over the small and medium blocks that make
+# up nearly everything else (the highest per-request allocations are a few KiB).
+DEFAULT_MMAP_THRESHOLD_BYTES = 128 * 1024
+
+_M_MMAP_THRESHOLD = -3  # <malloc.h>
+# glibc's ceiling for M_MMAP_THRESHOLD on 64-bit builds (HEAP_MAX_SIZE / 2).
+_MAX_MMAP_THRESHOLD_BYTES = 32 * 1024 * 1024
+
+
+def _libc() -> ctypes.CDLL | None:
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    try:
+        libc = ctypes.CDLL(name)
+    except OSError:
+        return None
+    return libc if hasattr(libc, "mallopt") else None
+
+
+def tune_malloc(mmap_threshold_bytes: int = DEFAULT_MMAP_THRESHOLD_BYTES) -> str | None:
+    """Fix glibc's mmap threshold at ``mmap_threshold_bytes``; 0 leaves glibc's
+    dynamic default. Returns None when applied (or nothing was asked), else why not.
+
+    ``MALLOC_MMAP_THRESHOLD_`` in the environment wins: whoever set it chose."""
+    if mmap_threshold_bytes <= 0 or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return None
+    if mmap_threshold_bytes > _MAX_MMAP_THRESHOLD_BYTES:
+        return f"mmap threshold {mmap_threshold_bytes} is over glibc's maximum (32 MiB)"
+    libc = _libc()
+    if libc is None:
+        return "not glibc: malloc settings left as they are"
+    libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    libc.mallopt.restype = ctypes.c_int
+    if libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold_bytes) != 1:
+        return f"mallopt(M_MMAP_THRESHOLD, {mmap_threshold_bytes}) was refused"
+    return None

@@ -1,0 +1,69 @@
+"""``gateway.memory.tune_malloc``: with the threshold fixed, a 256 KiB block (uvloop's
+TLS read buffer) still gets its own mapping after one such block has been freed;
+with glibc's dynamic default the second one comes from the heap.
+
+Each case runs in a fresh interpreter, so that neither the test process's malloc
+state nor its settings leak in or out."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from gateway.memory import tune_malloc
+
+_PROBE = textwrap.dedent(
+    """
+    import ctypes, sys
+    from gateway.memory import tune_malloc
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in (
+            "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+            "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype = ctypes.c_void_p
+    libc.malloc.argtypes = [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    libc.mallinfo2.restype = MallInfo2
+    problem = tune_malloc(int(sys.argv[1]))
+    assert problem is None, problem
+    size = 256 * 1024
+    libc.free(libc.malloc(size))  # raises glibc's dynamic threshold, if it is on
+    before = libc.mallinfo2().hblkhd
+    block = libc.malloc(size)
+    print(libc.mallinfo2().hblkhd - before >= size)
+    libc.free(block)
+    """
+)
+
+
+def _second_block_is_mapped(threshold: int) -> bool:
+    env = {"PATH": "/usr/bin:/bin"}  # no MALLOC_* settings from the caller
+    out = subprocess.run(
+        [sys.executable, "-c", _PROBE, str(threshold)],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
+    )
+    return out.stdout.strip() == "True"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
+def test_fixed_threshold_keeps_large_blocks_out_of_the_heap() -> None:
+    assert _second_block_is_mapped(128 * 1024)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
+def test_glibc_default_moves_the_second_large_block_into_the_heap() -> None:
+    assert not _second_block_is_mapped(0)
+
+
+def test_a_threshold_over_glibcs_maximum_is_refused_with_a_reason() -> None:
+    problem = tune_malloc(64 * 1024 * 1024)
+    assert problem is not None and "maximum" in problem
