@@ -169,3 +169,20 @@ def test_bodiless_requests_and_values_on_a_bound_land_in_the_right_bucket() -> N
     count, dur, dur_sum, req, req_sum, resp, resp_sum = exported[0][1]
     assert (count, dur_sum, req_sum, resp_sum) == (2, 6.0, 100, 11)
     assert sum(dur) == sum(req) == sum(resp) == 2
+
+
+def test_the_data_plane_does_not_import_prometheus_client_until_a_scrape() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import gateway.pipeline, gateway.services, gateway.admin\n"
+        "print('prometheus_client' in sys.modules)\n"
+        "from gateway.metrics import RequestMetrics, WorkloadLabels, render_text\n"
+        "m = RequestMetrics(); m.record('c', 200, '', 1.0, 0, 1)\n"
+        "render_text(m.series, WorkloadLabels('w', 'n'))\n"
+        "print('prometheus_client' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "True"]
