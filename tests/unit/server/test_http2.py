@@ -500,6 +500,32 @@ def test_concurrent_streams_run_in_parallel() -> None:
     run(scenario)
 
 
+def test_the_record_of_closed_streams_stays_bounded_on_a_long_lived_connection() -> None:
+    # h2 would remember 65,536 closed streams per connection (about 14.8 MB); the
+    # adapter keeps ten times max_concurrent_streams, at least 1,024.
+    async def scenario() -> None:
+        client, proto, _ = await connect(replace(ServerSettings(), max_concurrent_streams=50))
+        last = 0
+        for _ in range(30):  # 1,500 requests, 50 at a time
+            sids = [client.request("/echo") for _ in range(50)]
+            await client.wait_for(
+                lambda sids=sids: all(client.ended(s) for s in sids),  # type: ignore[misc]
+                "the responses",
+            )
+            client.events.clear()
+            last = sids[-1]
+        assert len(proto._conn._closed_streams) == 1024
+        assert last // 2 + 1 == 1500
+        # Still serving; the newest closed streams are remembered, the oldest not.
+        assert proto._conn._stream_closed_by(last) is not None
+        assert proto._conn._stream_closed_by(1) is None
+        sid = client.request("/echo")
+        await client.wait_for(lambda: client.ended(sid), "one more response")
+        assert client.status(sid) == 200
+
+    run(scenario)
+
+
 def test_small_responses_in_one_tick_share_one_write() -> None:
     async def scenario() -> None:
         client, _, echo = await connect()
