@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import gc
 import os
 
-__all__ = ["DEFAULT_MMAP_THRESHOLD_BYTES", "tune_malloc"]
+__all__ = ["DEFAULT_MMAP_THRESHOLD_BYTES", "release_memory", "tune_malloc"]
 
 # Under uvloop's 256 KiB TLS read buffer, over the small and medium blocks that make
 # up nearly everything else (the highest per-request allocations are a few KiB).
@@ -62,3 +63,16 @@ def tune_malloc(mmap_threshold_bytes: int = DEFAULT_MMAP_THRESHOLD_BYTES) -> str
     if libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold_bytes) != 1:
         return f"mallopt(M_MMAP_THRESHOLD, {mmap_threshold_bytes}) was refused"
     return None
+
+
+def release_memory() -> int:
+    """Collect reference cycles now and give the malloc heap's free pages back to the
+    system (``malloc_trim``; glibc only). For moments when the worker has just gone
+    quiet, so that the next burst reuses this memory rather than growing past it.
+    Returns the number of objects the collection freed."""
+    freed = gc.collect()
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        libc.malloc_trim(0)
+    return freed

@@ -52,6 +52,7 @@ from aioquic.tls import AlertHandshakeFailure, pull_client_hello
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from ..memory import release_memory
 from . import altsvc
 from .events import RequestHandler, RequestHead, ResponseHead, StreamReset
 from .settings import ServerSettings
@@ -87,6 +88,9 @@ CONNECTION_WINDOW_BYTES = 1024 * 1024
 
 # Receive and send buffer asked for on the UDP socket (see _widen_socket_buffers).
 UDP_SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
+# How long a QUIC listener stays without connections before the worker collects the
+# ended ones' memory (``QuicListener._closed``).
+SWEEP_AFTER_S = 0.5
 
 # Response fields HTTP/3 forbids (RFC 9114 §4.2), dropped if the pipeline passes them.
 _CONNECTION_FIELDS = frozenset(
@@ -838,6 +842,8 @@ class QuicListener:
         self._idle.set()
         self._advertised = False
         self._stopped = False
+        self._sweep: asyncio.TimerHandle | None = None
+        self.sweep_after_s = SWEEP_AFTER_S
 
     def _create_protocol(self, quic: Any, stream_handler: Any = None) -> H3Protocol:
         """aioquic's ``create_protocol``: one ``H3Protocol`` per new connection."""
@@ -858,6 +864,19 @@ class QuicListener:
         self.connections.discard(proto)
         if not self.connections:
             self._idle.set()
+            # aioquic's connection objects are reference cycles (its loss recovery
+            # holds a bound method of the connection): without a full collection the
+            # memory of every QUIC connection that has ended stays, and the next
+            # ones grow past it. Once the listener has had no connection for a
+            # moment, collect and trim.
+            if self._sweep is None:
+                loop = asyncio.get_running_loop()
+                self._sweep = loop.call_later(self.sweep_after_s, self._sweep_if_idle)
+
+    def _sweep_if_idle(self) -> None:
+        self._sweep = None
+        if not self.connections and not self._stopped:
+            release_memory()
 
     def update_certificates(self, certificates: Sequence[QuicCertificate]) -> None:
         """New connections use these (a certificate rotated on disk); open ones keep theirs."""
@@ -876,6 +895,9 @@ class QuicListener:
         if self._stopped:
             return
         self._stopped = True
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
         if self._advertised:
             self._advertised = False
             altsvc.withdraw(self.port)

@@ -623,3 +623,32 @@ def test_quic_configuration_needs_a_certificate() -> None:
     with pytest.raises(ValueError):
         QuicListener(echo, ServerSettings(), [])
     assert QuicConfiguration(is_client=False).certificate is None
+
+
+def test_ended_connections_are_collected_once_the_listener_is_idle(ca: Authority) -> None:
+    # aioquic's connection objects are reference cycles; with the collector off, only
+    # the listener's own sweep (a moment after its last connection ended) frees them.
+    import gc
+    import weakref
+
+    async def main() -> None:
+        pair = Pair(echo, [ca.quic_certificate("example.com")], ca.pem)
+        pair.listener.sweep_after_s = 0
+        await pair.connect()
+        assert (await pair.request("GET", "example.com", "/")).status == 200
+        ended = weakref.ref(pair.protocol._quic)
+        idle = pair.listener._idle
+        pair.client.close()
+        async with asyncio.timeout(TIMEOUT_S):
+            await idle.wait()  # the server's side has ended: ConnectionTerminated
+        for _ in range(100):
+            if ended() is None:
+                break
+            await asyncio.sleep(0)
+        assert ended() is None
+
+    gc.disable()
+    try:
+        run(main())
+    finally:
+        gc.enable()
