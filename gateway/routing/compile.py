@@ -450,7 +450,12 @@ class _Compiler:
         for domain, parts in routes_by_domain.items():
             routes = _merge_routes(parts)
             if routes:
-                vhosts[domain] = VirtualHost(f"{domain}:{port}", (domain,), routes)
+                # The host's key is copied right before its VirtualHost and plan are
+                # built (plan.py copies the plan's strings the same way), so what one
+                # lookup reads was allocated together, on one or two memory pages,
+                # instead of wherever the configuration's strings landed.
+                key = (domain + "_")[:-1]
+                vhosts[key] = VirtualHost(f"{domain}:{port}", (domain,), routes)
         for domain, origin in redirect_domains.items():
             redirect = Route(
                 name="https-redirect",
