@@ -13,6 +13,7 @@ One gateway process serves every test (module fixture), so the file stays fast.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import ssl
@@ -23,9 +24,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-from test_gateway_helpers import MESHGATE, Gateway, free_ports
+from test_gateway_helpers import MESHGATE, Gateway, free_ports, free_tcp_udp_port
 from tls_certs import CA
 from traffic_backends import H2Backend, ScriptedBackend
+
+from gateway.server.h3client import H3Response, client_configuration, connect_h3
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "gateway-api"
 
@@ -309,7 +312,8 @@ spec:
 
 class Lab:
     def __init__(self, tmp: Path) -> None:
-        http, https, admin, store, store_v2, a, b, mirror, grpc = free_ports(9)
+        http, admin, store, store_v2, a, b, mirror, grpc = free_ports(8)
+        https = free_tcp_udp_port()  # HTTPS listeners serve HTTP/3 on the UDP port too
         self.http, self.https, self.admin = http, https, admin
         self.store = ScriptedBackend(store, "store")
         self.store_v2 = ScriptedBackend(store_v2, "store-v2")
@@ -580,6 +584,37 @@ def test_https_listener_terminates_tls_with_its_certificate_ref(lab: Lab) -> Non
         )
     assert _served_by(response) == "a"
     assert response.http_version == "HTTP/2"
+
+
+def test_https_listener_serves_http3_once_advertised(lab: Lab) -> None:
+    # The TCP answer advertises HTTP/3 on the listener's own port, and a request over
+    # QUIC to the same hostname is routed by the same HTTPRoute.
+    ctx = ssl.create_default_context(cafile=str(lab.ca.path))
+    with httpx.Client(verify=ctx, timeout=10) as c:
+        over_tcp = c.get(
+            f"https://127.0.0.1:{lab.https}/headers",
+            headers={"host": "secure.test"},
+            extensions={"sni_hostname": "secure.test"},
+        )
+    assert _served_by(over_tcp) == "a"
+    assert over_tcp.headers["alt-svc"].startswith(f'h3=":{lab.https}"')
+
+    async def over_quic() -> H3Response:
+        config = client_configuration("secure.test", cadata=lab.ca.path.read_bytes())
+        async with asyncio.timeout(20), connect_h3("127.0.0.1", lab.https, config) as client:
+            return await client.request("GET", "secure.test", "/headers", [], b"")
+
+    response = asyncio.run(over_quic())
+    assert response.status == 200, response
+    assert dict(response.headers)["x-served-by"] == "a"
+
+    # Another hostname on the same port has no route: 404, as over TCP.
+    async def unrouted() -> H3Response:
+        config = client_configuration("secure.test", cadata=lab.ca.path.read_bytes())
+        async with asyncio.timeout(20), connect_h3("127.0.0.1", lab.https, config) as client:
+            return await client.request("GET", "elsewhere.test", "/headers", [], b"")
+
+    assert asyncio.run(unrouted()).status == 404
 
 
 def test_grpc_route_matches_service_and_method_over_http2(lab: Lab) -> None:
