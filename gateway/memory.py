@@ -19,12 +19,21 @@ Not glibc (musl, macOS): nothing is changed and ``tune_malloc`` says so.
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import ctypes.util
 import gc
 import os
+import time
+from collections.abc import Callable
 
-__all__ = ["DEFAULT_MMAP_THRESHOLD_BYTES", "release_memory", "tune_malloc"]
+__all__ = [
+    "DEFAULT_MMAP_THRESHOLD_BYTES",
+    "SWEEPER",
+    "MemorySweeper",
+    "release_memory",
+    "tune_malloc",
+]
 
 # Under uvloop's 256 KiB TLS read buffer, over the small and medium blocks that make
 # up nearly everything else (the highest per-request allocations are a few KiB).
@@ -76,3 +85,58 @@ def release_memory() -> int:
         libc.malloc_trim.argtypes = [ctypes.c_size_t]
         libc.malloc_trim(0)
     return freed
+
+
+class MemorySweeper:
+    """Runs ``release_memory`` when a listener goes quiet, at most once per interval.
+
+    A listener calls ``idle(still_idle, delay_s)`` when its last connection has gone;
+    the sweep runs ``delay_s`` later (or once ``min_interval_s`` has passed since the
+    previous one) if ``still_idle()`` is then true. A collection walks only what
+    ``gc.freeze()`` has not frozen, a few ms on a quiet worker; the interval bounds
+    it when connections come and go one at a time. Memory is process-wide, so is
+    the sweeper (``SWEEPER``)."""
+
+    def __init__(
+        self,
+        min_interval_s: float = 5.0,
+        release: Callable[[], object] = release_memory,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.min_interval_s = min_interval_s
+        self.release = release
+        self.clock = clock
+        self.sweeps = 0
+        self._last = float("-inf")
+        self._pending: asyncio.TimerHandle | None = None
+        self._pending_loop: asyncio.AbstractEventLoop | None = None
+        self._checks: list[Callable[[], bool]] = []
+
+    def idle(self, still_idle: Callable[[], bool], delay_s: float = 0.0) -> None:
+        loop = asyncio.get_running_loop()
+        if self._pending is not None and self._pending_loop is not loop:
+            self.cancel()  # left by another event loop (tests run several)
+        if still_idle not in self._checks:
+            self._checks.append(still_idle)
+        if self._pending is not None:
+            return
+        wait = max(delay_s, self._last + self.min_interval_s - self.clock())
+        self._pending = loop.call_later(wait, self._sweep)
+        self._pending_loop = loop
+
+    def _sweep(self) -> None:
+        self._pending = self._pending_loop = None
+        checks, self._checks = self._checks, []
+        if any(check() for check in checks):
+            self._last = self.clock()
+            self.sweeps += 1
+            self.release()
+
+    def cancel(self) -> None:
+        if self._pending is not None:
+            self._pending.cancel()
+        self._pending = self._pending_loop = None
+        self._checks = []
+
+
+SWEEPER = MemorySweeper()

@@ -52,7 +52,7 @@ from aioquic.tls import AlertHandshakeFailure, pull_client_hello
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from ..memory import release_memory
+from ..memory import SWEEPER
 from . import altsvc
 from .events import RequestHandler, RequestHead, ResponseHead, StreamReset
 from .settings import ServerSettings
@@ -842,7 +842,7 @@ class QuicListener:
         self._idle.set()
         self._advertised = False
         self._stopped = False
-        self._sweep: asyncio.TimerHandle | None = None
+        self.sweeper = SWEEPER
         self.sweep_after_s = SWEEP_AFTER_S
 
     def _create_protocol(self, quic: Any, stream_handler: Any = None) -> H3Protocol:
@@ -869,14 +869,10 @@ class QuicListener:
             # memory of every QUIC connection that has ended stays, and the next
             # ones grow past it. Once the listener has had no connection for a
             # moment, collect and trim.
-            if self._sweep is None:
-                loop = asyncio.get_running_loop()
-                self._sweep = loop.call_later(self.sweep_after_s, self._sweep_if_idle)
+            self.sweeper.idle(self._quiet, self.sweep_after_s)
 
-    def _sweep_if_idle(self) -> None:
-        self._sweep = None
-        if not self.connections and not self._stopped:
-            release_memory()
+    def _quiet(self) -> bool:
+        return not self.connections and not self._stopped
 
     def update_certificates(self, certificates: Sequence[QuicCertificate]) -> None:
         """New connections use these (a certificate rotated on disk); open ones keep theirs."""
@@ -895,9 +891,6 @@ class QuicListener:
         if self._stopped:
             return
         self._stopped = True
-        if self._sweep is not None:
-            self._sweep.cancel()
-            self._sweep = None
         if self._advertised:
             self._advertised = False
             altsvc.withdraw(self.port)

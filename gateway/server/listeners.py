@@ -29,6 +29,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from ..memory import SWEEPER, MemorySweeper
 from ..routing.table import Listener, SNIRoute
 from .events import DownstreamStream, PeerIdentity, RequestHandler
 from .http1 import HTTP1Connection
@@ -112,6 +113,8 @@ class ListenerSet:
     # decides by its registry, resolves names and logs the tunnel).
     passthrough: Any = None
     _idle: asyncio.Event = field(default_factory=asyncio.Event)
+    # Runs gateway.memory.release_memory when the last connection has gone.
+    sweeper: MemorySweeper = field(default_factory=lambda: SWEEPER)
     _stopping: bool = False
     _tasks: set[asyncio.Task[Any]] = field(default_factory=set)
 
@@ -184,6 +187,12 @@ class ListenerSet:
         self.connections.discard(conn)
         if not self.connections:
             self._idle.set()
+            # The worker has just gone quiet: give back what the burst left (h2's
+            # connection objects are cycles; the heap's free pages).
+            self.sweeper.idle(self._quiet)
+
+    def _quiet(self) -> bool:
+        return not self.connections and not self._stopping
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)

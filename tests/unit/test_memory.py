@@ -67,3 +67,40 @@ def test_glibc_default_moves_the_second_large_block_into_the_heap() -> None:
 def test_a_threshold_over_glibcs_maximum_is_refused_with_a_reason() -> None:
     problem = tune_malloc(64 * 1024 * 1024)
     assert problem is not None and "maximum" in problem
+
+
+def test_sweeper_runs_once_quiet_and_at_most_once_per_interval() -> None:
+    import asyncio
+
+    from gateway.memory import MemorySweeper
+
+    async def scenario() -> list[float]:
+        loop = asyncio.get_running_loop()
+        runs: list[float] = []
+        swept = asyncio.Event()
+
+        def release() -> None:
+            runs.append(loop.time())
+            swept.set()
+
+        sweeper = MemorySweeper(min_interval_s=0.3, release=release, clock=loop.time)
+        quiet = True
+        sweeper.idle(lambda: quiet)
+        await swept.wait()  # at once: no sweep has run yet
+        swept.clear()
+        sweeper.idle(lambda: quiet)  # within the interval: waits for it
+        await swept.wait()
+        # Busy again by the time the sweep is due: nothing runs.
+        quiet = False
+        sweeper.idle(lambda: quiet)
+        assert sweeper._pending is not None
+        due = asyncio.Event()
+        loop.call_at(sweeper._pending.when(), due.set)
+        await due.wait()
+        await asyncio.sleep(0)  # the sweep's own callback, scheduled for the same time
+        assert sweeper._pending is None
+        return runs
+
+    runs = asyncio.run(asyncio.wait_for(scenario(), 10))
+    assert len(runs) == 2
+    assert runs[1] - runs[0] >= 0.3 - 1e-3

@@ -632,7 +632,10 @@ def test_ended_connections_are_collected_once_the_listener_is_idle(ca: Authority
     import weakref
 
     async def main() -> None:
+        from gateway.memory import MemorySweeper
+
         pair = Pair(echo, [ca.quic_certificate("example.com")], ca.pem)
+        pair.listener.sweeper = MemorySweeper(min_interval_s=0)
         pair.listener.sweep_after_s = 0
         await pair.connect()
         assert (await pair.request("GET", "example.com", "/")).status == 200
