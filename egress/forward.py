@@ -123,7 +123,10 @@ class Egress:
         self.settings = settings
         self.pools = pools
         self.resolver = Resolver(
-            settings.dns_servers, settings.dns_timeout_s, settings.dns_min_ttl_s
+            settings.dns_servers,
+            settings.dns_timeout_s,
+            settings.dns_min_ttl_s,
+            hosts_file=settings.hosts_file,
         )
         self._snapshot: Any = None
         # cluster name -> target, for the routes made here (per Snapshot).

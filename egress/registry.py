@@ -59,6 +59,8 @@ class EgressSettings:
     # A name whose answer says TTL 0 is looked up again on every request; this floor
     # (0: none) keeps a burst from turning into a burst of queries.
     dns_min_ttl_s: float = 0.0
+    # Names answered from this file before DNS (as Envoy does); "" for none.
+    hosts_file: str = "/etc/hosts"
 
 
 @dataclass(frozen=True, slots=True)

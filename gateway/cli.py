@@ -200,6 +200,13 @@ def _build_parser() -> argparse.ArgumentParser:
         default=0.0,
         help="keep every DNS answer at least this long, whatever its TTL (0)",
     )
+    egress.add_argument(
+        "--hosts-file",
+        default="/etc/hosts",
+        metavar="PATH",
+        help="names answered from this file before DNS, re-read when it changes "
+        "(/etc/hosts; '' for none)",
+    )
     sub.add_parser(
         "egress",
         parents=[run],
@@ -415,6 +422,7 @@ def _egress_mode(args: argparse.Namespace) -> tuple[dict[str, str], str, object]
         dns_servers=tuple(args.dns_server),
         dns_timeout_s=args.dns_timeout_s,
         dns_min_ttl_s=max(0.0, args.dns_min_ttl_s),
+        hosts_file=args.hosts_file,
     )
     return dict(labels), workload, settings
 

@@ -108,7 +108,7 @@ class Setup:
             "www.wild.example.test",
             "www.viavs.wild.example.test",
         ]
-        six = ["moving.dns.example.test", "other.wild.example.test"]
+        six = ["moving.dns.example.test", "other.wild.example.test", "pinned.wild.example.test"]
         self.five = ScriptedBackend(
             tls_port, "five", ca.server_context("five", five, require_client=False), "127.0.0.5"
         )
@@ -123,6 +123,10 @@ class Setup:
         # Resolves to the server whose certificate does not carry this name.
         self.dns.set("liar.wild.example.test", ["127.0.0.6"], ttl=300)
         self.dns.set("free.example.org", ["127.0.0.7"], ttl=300)
+        # DNS says five, the hosts file says six: the hosts file wins, as in Envoy.
+        self.dns.set("pinned.wild.example.test", ["127.0.0.5"], ttl=300)
+        hosts = tmp / "hosts"
+        hosts.write_text("# test hosts file\n127.0.0.6  Pinned.Wild.Example.Test  pinned-alias\n")
         self.key = ec_key()
         config = tmp / "config"
         config.mkdir()
@@ -134,7 +138,7 @@ class Setup:
             jwks=jwks_json(self.key),
         )
         (config / "egress.yaml").write_text(text)
-        dns = ("--dns-server", self.dns.address, "--dns-timeout-s", "2")
+        dns = ("--dns-server", self.dns.address, "--dns-timeout-s", "2", "--hosts-file", str(hosts))
         self.gateway = Gateway(config, admin, *dns, command="egress")
         # The same configuration with ALLOW_ANY, on its own port.
         any_config = tmp / "allow-any"
@@ -195,6 +199,13 @@ def test_ttl_zero_answer_is_asked_again_and_follows_the_move(eg: Setup) -> None:
     assert response.status_code == 200 and response.headers["x-served-by"] == "six"
     assert log["upstream_host"].startswith("127.0.0.6:")
     assert eg.dns.count("moving.dns.example.test") >= 2
+
+
+def test_hosts_file_answers_before_dns(eg: Setup) -> None:
+    response, log = eg.get("pinned.wild.example.test")
+    assert response.status_code == 200 and response.headers["x-served-by"] == "six"
+    assert log["upstream_host"].startswith("127.0.0.6:")
+    assert eg.dns.count("pinned.wild.example.test") == 0
 
 
 def test_name_that_does_not_resolve_is_503_uf_with_the_reason_logged(eg: Setup) -> None:

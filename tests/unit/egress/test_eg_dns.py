@@ -12,6 +12,7 @@ import pytest
 from dns_server import DnsServer
 
 from egress.dns import NoDnsServers, ResolutionFailed, Resolver, parse_server
+from egress.hosts import HostsFile, parse_hosts
 
 
 @pytest.fixture
@@ -118,3 +119,69 @@ def test_no_servers_given_and_none_configured_is_said_plainly(tmp_path: Path) ->
         Resolver(resolv_conf=str(conf))
     conf.write_text("nameserver 127.0.0.1\n")
     Resolver(resolv_conf=str(conf))  # configured now: no complaint
+
+
+# --------------------------------------------------------------------------- hosts file
+
+
+def test_hosts_file_parses_aliases_comments_and_prefers_ipv4() -> None:
+    names = parse_hosts(
+        """
+# a comment line
+127.0.0.1   localhost
+10.0.0.5    api.corp.test  api   # trailing comment
+10.0.0.6    API.corp.test.
+::1         localhost ip6-localhost
+fd00::7     v6only.corp.test
+fe80::1%eth0 zoned.corp.test
+not-an-address  broken.corp.test
+10.0.0.5    api.corp.test
+"""
+    )
+    assert names["api.corp.test"] == ("10.0.0.5", "10.0.0.6")  # file order, no repeats
+    assert names["api"] == ("10.0.0.5",)
+    assert names["localhost"] == ("127.0.0.1",)  # IPv4 first, as for DNS answers
+    assert names["ip6-localhost"] == ("::1",)
+    assert names["v6only.corp.test"] == ("fd00::7",)
+    assert "zoned.corp.test" not in names
+    assert "broken.corp.test" not in names
+
+
+def test_hosts_file_is_read_again_when_it_changes(tmp_path: Path) -> None:
+    path = tmp_path / "hosts"
+    path.write_text("10.1.1.1 pinned.test\n")
+    hosts = HostsFile(str(path), check_every_s=0)
+    assert hosts.lookup("PINNED.test.") == ("10.1.1.1",)
+    assert hosts.lookup("pinned.test") == ("10.1.1.1",)
+    assert hosts.reads == 1  # unchanged: not parsed again
+    path.write_text("10.2.2.2 pinned.test other.test\n")
+    assert hosts.lookup("pinned.test") == ("10.2.2.2",)
+    assert hosts.lookup("other.test") == ("10.2.2.2",)
+    path.unlink()
+    assert hosts.lookup("pinned.test") is None
+
+
+def test_hosts_file_is_looked_at_at_most_once_per_interval(tmp_path: Path) -> None:
+    path = tmp_path / "hosts"
+    path.write_text("10.1.1.1 pinned.test\n")
+    hosts = HostsFile(str(path), check_every_s=3600)
+    assert hosts.lookup("pinned.test") == ("10.1.1.1",)
+    path.write_text("10.9.9.9 pinned.test\n")
+    assert hosts.lookup("pinned.test") == ("10.1.1.1",)  # not stat-ed again yet
+
+
+def test_resolver_answers_from_the_hosts_file_before_dns(server: DnsServer, tmp_path: Path) -> None:
+    server.set("pinned.example.test", ["127.0.0.5"], ttl=300)
+    path = tmp_path / "hosts"
+    path.write_text("127.0.0.9 pinned.example.test\n")
+    resolver = Resolver([server.address], timeout_s=2, hosts_file=str(path))
+    without = Resolver([server.address], timeout_s=2, hosts_file="")
+
+    async def main() -> None:
+        assert await resolver.resolve("pinned.example.test") == ("127.0.0.9",)
+        assert resolver.cached("pinned.example.test") == ("127.0.0.9",)
+        assert await without.resolve("pinned.example.test") == ("127.0.0.5",)
+
+    asyncio.run(main())
+    assert resolver.queries == 0
+    assert server.count("pinned.example.test") == 1  # only the resolver without the file
