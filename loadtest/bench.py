@@ -15,14 +15,14 @@ generators and the backend):
 
 then ROUNDS interleaved rounds: in each, every selected run once (the order reversed
 every other round, so no target always runs on a warmer machine), each a short
-discarded warm-up and DUR seconds of load. Per run: requests/s, p50/p99 latency,
-the target's CPU time per request (utime+stime of its whole process tree from /proc,
-read before and after) and its RSS. The report takes medians across rounds; every
-ratio is computed within a round (both sides measured seconds apart), then the median
-of those ratios is taken. It prints a markdown report (machine facts, the table, the
-targets with pass/fail) and appends it to docs/benchmarks.md; raw JSON lines go to
-loadtest/results/. Every process started here is stopped by PID at the end, on error
-and on Ctrl-C or SIGTERM.
+discarded warm-up and DUR seconds of load. Per run: requests/s, p50/p99 latency, the
+target's CPU time per request (utime+stime of its whole process tree from /proc,
+read before and after) and its peak RSS while the load runs (sampled every 100 ms).
+The report takes medians across rounds; every ratio is computed within a round (both
+sides measured seconds apart), then the median of those ratios is taken. It prints a
+markdown report (machine facts, the table, the targets with pass/fail) and appends
+it to docs/benchmarks.md; raw JSON lines go to loadtest/results/. Every process
+started here is stopped by PID at the end, on error and on Ctrl-C or SIGTERM.
 
 Environment (``make bench`` passes its variables on): DUR (6), ROUNDS (3), SCENARIOS
 (comma list; default: every scenario marked default below), NO_DOC=1 (print only),
@@ -46,6 +46,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -626,8 +627,43 @@ def _largest_rss_mb(root: int) -> float:
     return max((rss_kb(pid) for pid in process_tree(root)), default=0) / 1024.0
 
 
+class _PeakRss:
+    """The peak RSS of a process tree while a load runs, sampled every 100 ms on a
+    thread: "under load" means during the run, not after it, when the connections
+    have closed and the gateway may already have given memory back."""
+
+    INTERVAL_S = 0.1
+
+    def __init__(self, root: int) -> None:
+        self.root = root
+        self.tree_kb = 0  # the whole tree (workers and their parent)
+        self.worker_kb = 0  # the largest single process
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample_until_stopped, daemon=True)
+
+    def __enter__(self) -> _PeakRss:
+        self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    def _sample_until_stopped(self) -> None:
+        while not self._stop.wait(self.INTERVAL_S):
+            self._sample()
+
+    def _sample(self) -> None:
+        sizes = [rss_kb(pid) for pid in process_tree(self.root)]
+        self.tree_kb = max(self.tree_kb, sum(sizes))
+        self.worker_kb = max(self.worker_kb, max(sizes, default=0))
+
+
 def measure(run: Run, setup: Setup, duration_s: int) -> dict[str, Any]:
-    """One run of ``run``'s load, with the CPU time its target's tree spent on it."""
+    """One run of ``run``'s load, with the CPU time its target's tree spent on it and
+    the tree's peak RSS during the run."""
     port = setup.ports[run.server]
     root = setup.procs.pid(run.server)
     load = LOADS[run.load]
@@ -636,14 +672,14 @@ def measure(run: Run, setup: Setup, duration_s: int) -> dict[str, Any]:
     pids = process_tree(root)
     before = {pid: cpu_ticks(pid) for pid in pids}
     started = time.monotonic()
-    result = load(run, setup, port, duration_s)
+    with _PeakRss(root) as peak:
+        result = load(run, setup, port, duration_s)
     result["wall_s"] = round(time.monotonic() - started, 3)
     ticks = sum(cpu_ticks(pid) - before[pid] for pid in pids)
     requests = result.get("requests") or 0
     result["cpu_ms_per_req"] = ticks / TICKS_PER_S * 1000 / requests if requests else None
-    tree = process_tree(root)
-    result["rss_mb"] = round(sum(rss_kb(pid) for pid in tree) / 1024, 1)
-    result["rss_worker_mb"] = round(_largest_rss_mb(root), 1)
+    result["rss_mb"] = round(peak.tree_kb / 1024, 1)
+    result["rss_worker_mb"] = round(peak.worker_kb / 1024, 1)
     return result
 
 

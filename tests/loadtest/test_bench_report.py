@@ -84,3 +84,43 @@ def test_table_marks_nginx_not_applicable_and_names_the_reference() -> None:
     edge = [line for line in lines if line.startswith("| edge |")]
     assert "n/a" in edge[0] and "nginx" in edge[0]
     assert "| 0.30 | nginx plain |" in edge[1]
+
+
+def test_rss_is_the_peak_while_the_load_runs_not_what_is_left_after() -> None:
+    # A child that holds 64 MB, then lets it go: the figure is the peak.
+    import subprocess
+
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys\n"
+            "held = bytearray(64 * 1024 * 1024)\n"
+            "print('ready', flush=True)\n"
+            "sys.stdin.readline()\n"
+            "del held\n"
+            "print('freed', flush=True)\n"
+            "sys.stdin.readline()\n",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert child.stdin is not None and child.stdout is not None
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        with bench._PeakRss(child.pid) as peak:
+            child.stdin.write("\n")
+            child.stdin.flush()
+            assert child.stdout.readline().strip() == "freed"
+        after_kb = bench.rss_kb(child.pid)
+        assert peak.worker_kb >= 64 * 1024
+        assert peak.tree_kb >= peak.worker_kb
+        assert after_kb < 40 * 1024 < peak.worker_kb
+        child.stdin.write("\n")
+        child.stdin.flush()
+        assert child.wait(timeout=10) == 0
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
