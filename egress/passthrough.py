@@ -7,8 +7,11 @@ MESH_EXTERNAL entry for ``<name>:<port>``; under REGISTRY_ONLY a route to a host
 ServiceEntry declares, or a name no entry covers, is refused by resetting the
 connection. Names are resolved as for HTTP (``egress.forward.Egress``), the bytes are
 spliced unread (the client's TLS goes end to end), and the tunnel is one access-log
-line and one count in the Istio metrics when it closes, with status 0 (a TCP tunnel
-has none, as in Envoy's TCP proxy log) and the external host as its destination.
+line when it closes, with status 0 (a TCP tunnel has none, as in Envoy's TCP proxy
+log). It is counted in Istio's TCP metrics (``gateway.metrics.TcpMetrics``), not as a
+request: opened once both sides are connected, closed with the bytes carried each
+way; a connection refused or never connected upstream is opened and closed at once
+under its flags (``NR``, ``UF``). Its destination is the external host.
 """
 
 from __future__ import annotations
@@ -39,16 +42,17 @@ class _TunnelStream:
 
     head: RequestHead
     tunnel: Any = field(default=None)
+    opened: bool = False  # spliced to the upstream, counted as opened
 
 
 class PassthroughHandler:
     """``ListenerSet.passthrough`` for an egress gateway."""
 
-    def __init__(self, egress: Egress, snapshots: Any, access_log: Any, metrics: Any) -> None:
+    def __init__(self, egress: Egress, snapshots: Any, access_log: Any, tcp_metrics: Any) -> None:
         self.egress = egress
         self.snapshots = snapshots  # anything with ``.current``
         self.access_log = access_log
-        self.metrics = metrics
+        self.tcp_metrics = tcp_metrics  # gateway.metrics.TcpMetrics or None
 
     async def __call__(
         self, conn: socket.socket, sni: str | None, route: SNIRoute | None, port: int
@@ -70,9 +74,10 @@ class PassthroughHandler:
             peer=peer,
         )
         snapshot = self.snapshots.current
-        ctx = RequestContext(_TunnelStream(head), snapshot, perf_counter(), time.time())
+        stream = _TunnelStream(head)
+        ctx = RequestContext(stream, snapshot, perf_counter(), time.time())
         try:
-            await self._serve(ctx, conn, name, route)
+            await self._serve(ctx, stream, conn, name, route)
         except GatewayError as error:
             ctx.add_flag(error.flag)
             _reset(conn)
@@ -84,18 +89,22 @@ class PassthroughHandler:
             now = perf_counter()
             if self.access_log is not None:
                 self.access_log.log(ctx, now)
-            if self.metrics is not None:
-                self.metrics.record(
-                    ctx.upstream_cluster,
-                    ctx.status,
-                    ctx.flags,
-                    (now - ctx.start) * 1000.0,
-                    ctx.bytes_received,
-                    ctx.bytes_sent,
-                )
+            metrics = self.tcp_metrics
+            if metrics is not None:
+                if stream.opened:
+                    metrics.closed(
+                        ctx.upstream_cluster, ctx.flags, ctx.bytes_received, ctx.bytes_sent
+                    )
+                else:
+                    metrics.refused(ctx.upstream_cluster, ctx.flags)
 
     async def _serve(
-        self, ctx: RequestContext, conn: socket.socket, name: str, route: SNIRoute | None
+        self,
+        ctx: RequestContext,
+        stream: _TunnelStream,
+        conn: socket.socket,
+        name: str,
+        route: SNIRoute | None,
     ) -> None:
         egress = self.egress
         if not name:
@@ -121,6 +130,9 @@ class PassthroughHandler:
         except OSError:
             up.close()
             raise
+        stream.opened = True
+        if self.tcp_metrics is not None:
+            self.tcp_metrics.opened(cluster.name)
         sent_up, sent_down = await splice(down, bytes(down_held.buffer), up, bytes(up_held.buffer))
         ctx.bytes_received += sent_up
         ctx.bytes_sent += sent_down

@@ -27,16 +27,16 @@ class EgressRuntime:
         settings: EgressSettings,
         pools: UpstreamPools,
         access_log: Any = None,  # gateway.telemetry.AccessLog, for tunnels
-        metrics: Any = None,  # gateway.metrics.RequestMetrics, for tunnels
+        tcp_metrics: Any = None,  # gateway.metrics.TcpMetrics, for passthrough
     ) -> None:
         self.egress = Egress(settings, pools)
         self.pools = pools
         self.access_log = access_log
-        self.metrics = metrics
+        self.tcp_metrics = tcp_metrics
 
     def passthrough(self, snapshots: Any) -> PassthroughHandler:
         """The handler for PASSTHROUGH servers (``ListenerSet.passthrough``)."""
-        return PassthroughHandler(self.egress, snapshots, self.access_log, self.metrics)
+        return PassthroughHandler(self.egress, snapshots, self.access_log, self.tcp_metrics)
 
     def pipeline_kwargs(self) -> dict[str, Any]:
         """The stages ``gateway.pipeline.Pipeline`` runs in place of its own."""

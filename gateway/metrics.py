@@ -1,11 +1,13 @@
-"""Istio's standard request metrics, aggregated in process and rendered at scrape time.
+"""Istio's standard metrics, aggregated in process and rendered at scrape time.
 
 What it owns: counting every request cheaply (``RequestMetrics.record``, called once
-per request from the pipeline), turning those aggregates into plain data that can
-cross a process boundary (``export``/``merge_exports``, for ``--workers`` > 1), and a
-prometheus-client collector that expands them into Istio's metric names and labels
-when ``/metrics`` is scraped. What it leaves to others: serving ``/metrics``
-(``gateway.admin``) and shipping worker figures to the parent (``gateway.runtime``).
+per request from the pipeline) and every connection proxied as TCP (``TcpMetrics``,
+called when a TLS passthrough splice opens and closes), turning those aggregates into
+plain data that can cross a process boundary (``export``/``merge_exports``/
+``merge_tcp_exports``, for ``--workers`` > 1), and a prometheus-client collector that
+expands them into Istio's metric names and labels when ``/metrics`` is scraped. What
+it leaves to others: serving ``/metrics`` (``gateway.admin``), shipping worker figures
+to the parent (``gateway.runtime``), and counting a splice's bytes (the splices).
 
 Why not ``Counter.labels(...).inc()`` per request: with four metrics, eleven labels
 and three histograms, prometheus-client's per-request path costs tens of µs, a large
@@ -22,6 +24,13 @@ derived from the short key only when scraped.
 
 Bucket counts are per bucket (not cumulative) with a last ``+Inf`` slot; they are
 made cumulative when rendered.
+
+TCP connections are counted per connection, never per read: a splice keeps its own
+byte counts and hands them over once, when it ends.
+
+    tcp key    = (cluster name, response flags)
+    tcp series = [connections opened, connections closed,
+                  bytes received from the client, bytes sent to the client]
 """
 
 from __future__ import annotations
@@ -35,9 +44,11 @@ __all__ = [
     "DURATION_BUCKETS_MS",
     "IstioCollector",
     "RequestMetrics",
+    "TcpMetrics",
     "WorkloadLabels",
     "destination_labels",
     "merge_exports",
+    "merge_tcp_exports",
     "render_text",
 ]
 
@@ -145,6 +156,74 @@ def merge_exports(exports: Iterable[list[list[Any]]]) -> dict[Key, list[Any]]:
     return merged
 
 
+TcpKey = tuple[str, str]
+
+_OPENED, _CLOSED, _RECEIVED, _SENT = range(4)
+
+
+class TcpMetrics:
+    """One process's TCP connection aggregates. Not thread-safe: one event loop owns it.
+
+    A connection is ``opened`` when its splice to the upstream is established and
+    ``closed`` when the splice ends, with the bytes it carried each way; those are
+    added then, not while it runs (a long-lived connection's bytes show when it
+    closes). A connection that never reached an upstream (no cluster, a failed
+    connect, a refusal) is ``refused``: opened and closed at once, under its flags,
+    which is how Istio reports a connection whose first report is its last."""
+
+    __slots__ = ("_series",)
+
+    def __init__(self) -> None:
+        self._series: dict[TcpKey, list[int]] = {}
+
+    @property
+    def series(self) -> dict[TcpKey, list[int]]:
+        """``key -> series`` (a copy)."""
+        return {key: list(s) for key, s in self._series.items()}
+
+    def _slot(self, cluster: str, flags: str) -> list[int]:
+        s = self._series.get((cluster, flags))
+        if s is None:
+            s = self._series[(cluster, flags)] = [0, 0, 0, 0]
+        return s
+
+    def opened(self, cluster: str) -> None:
+        """Count a connection whose splice to ``cluster`` is now established."""
+        self._slot(cluster, "")[_OPENED] += 1
+
+    def closed(self, cluster: str, flags: str, received_bytes: int, sent_bytes: int) -> None:
+        """Count the end of an ``opened`` connection: ``received_bytes`` came from the
+        client (and went upstream), ``sent_bytes`` went to the client."""
+        s = self._slot(cluster, flags)
+        s[_CLOSED] += 1
+        s[_RECEIVED] += received_bytes
+        s[_SENT] += sent_bytes
+
+    def refused(self, cluster: str, flags: str) -> None:
+        """Count a connection that ended before it reached an upstream."""
+        s = self._slot(cluster, flags)
+        s[_OPENED] += 1
+        s[_CLOSED] += 1
+
+    def export(self) -> list[list[Any]]:
+        """JSON-able ``[[cluster, flags], series]`` pairs (a copy)."""
+        return [[list(key), list(s)] for key, s in self._series.items()]
+
+
+def merge_tcp_exports(exports: Iterable[list[list[Any]]]) -> dict[TcpKey, list[int]]:
+    """Sum the ``TcpMetrics`` exports of several processes into ``key -> series``."""
+    merged: dict[TcpKey, list[int]] = {}
+    for export in exports:
+        for raw_key, s in export:
+            key = (str(raw_key[0]), str(raw_key[1]))
+            into = merged.get(key)
+            if into is None:
+                merged[key] = [int(v) for v in s]
+            else:
+                merged[key] = [a + int(b) for a, b in zip(into, s, strict=True)]
+    return merged
+
+
 class WorkloadLabels:
     """Who reports: the gateway's own workload name and namespace."""
 
@@ -181,7 +260,8 @@ class IstioCollector:
     """Renders merged aggregates as Istio's metrics at scrape time.
 
     ``source`` returns the merged ``key -> series`` mapping (this process's, or every
-    worker's summed); ``protocol_of`` maps a cluster name to ``http`` or ``grpc``.
+    worker's summed); ``protocol_of`` maps a cluster name to ``http`` or ``grpc``;
+    ``tcp_source``, when given, returns the merged TCP ``key -> series`` mapping.
 
     A prometheus-client collector by shape (``collect``), not by base class:
     prometheus-client (about 2.7 MB of a worker's memory with what its package
@@ -193,13 +273,17 @@ class IstioCollector:
         source: Callable[[], Mapping[Key, list[Any]]],
         workload: WorkloadLabels,
         protocol_of: Callable[[str], str] = lambda cluster: "http",
+        tcp_source: Callable[[], Mapping[TcpKey, list[int]]] | None = None,
     ) -> None:
         self.source = source
         self.workload = workload
         self.protocol_of = protocol_of
+        self.tcp_source = tcp_source
 
     def collect(self) -> Iterator[Any]:
         yield from render_families(self.source(), self.workload, self.protocol_of)
+        tcp = self.tcp_source() if self.tcp_source is not None else {}
+        yield from render_tcp_families(tcp, self.workload)
 
 
 LABEL_NAMES = (
@@ -214,6 +298,12 @@ LABEL_NAMES = (
     "request_protocol",
     "response_code",
     "response_flags",
+)
+
+# Istio's TCP metrics carry no response code, and do carry the security policy.
+TCP_LABEL_NAMES = (
+    *(name for name in LABEL_NAMES if name != "response_code"),
+    "connection_security_policy",
 )
 
 
@@ -280,14 +370,57 @@ def render_families(
     return [requests, duration, request_bytes, response_bytes]
 
 
+def render_tcp_families(series: Mapping[TcpKey, list[int]], workload: WorkloadLabels) -> list[Any]:
+    """The four Istio TCP metric families for ``series``.
+
+    Sent and received are the reporter's view of the downstream connection, as Istio
+    counts them: received is what the client sent (and the gateway forwarded
+    upstream), sent is what the gateway wrote back to the client."""
+    from prometheus_client.core import CounterMetricFamily
+
+    def family(name: str, help_text: str) -> Any:
+        return CounterMetricFamily(name, help_text, labels=TCP_LABEL_NAMES)
+
+    opened = family("istio_tcp_connections_opened_total", "TCP connections spliced to an upstream.")
+    closed = family("istio_tcp_connections_closed_total", "TCP connections ended.")
+    received = family(
+        "istio_tcp_received_bytes_total", "Bytes received from clients on TCP connections."
+    )
+    sent = family("istio_tcp_sent_bytes_total", "Bytes sent to clients on TCP connections.")
+    for (cluster, flags), s in sorted(series.items()):
+        service, service_name, service_namespace = destination_labels(cluster)
+        values = [
+            "source",  # as for requests: the gateway is the client side it forwards
+            workload.name,
+            workload.namespace,
+            _UNKNOWN,
+            _UNKNOWN,
+            service,
+            service_name,
+            service_namespace,
+            "tcp",
+            flags or "-",
+            # Istio: mutual_tls or none only in a destination report; a source
+            # report cannot know the policy and says unknown.
+            _UNKNOWN,
+        ]
+        opened.add_metric(values, s[_OPENED])
+        closed.add_metric(values, s[_CLOSED])
+        received.add_metric(values, s[_RECEIVED])
+        sent.add_metric(values, s[_SENT])
+    return [opened, closed, received, sent]
+
+
 def render_text(
     series: Mapping[Key, list[Any]],
     workload: WorkloadLabels,
     protocol_of: Callable[[str], str] = lambda cluster: "http",
+    tcp: Mapping[TcpKey, list[int]] | None = None,
 ) -> bytes:
-    """The Prometheus text exposition of ``series`` (what ``/metrics`` returns)."""
+    """The Prometheus text exposition of ``series`` and the TCP aggregates ``tcp``
+    (what ``/metrics`` returns)."""
     from prometheus_client import CollectorRegistry, generate_latest
 
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(IstioCollector(lambda: series, workload, protocol_of))
+    registry.register(IstioCollector(lambda: series, workload, protocol_of, lambda: tcp or {}))
     return generate_latest(registry)

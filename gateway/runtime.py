@@ -280,7 +280,7 @@ async def _serve_worker(
     if options.egress is not None:
         from egress.runtime import EgressRuntime
 
-        egress_runtime = EgressRuntime(options.egress, pools, access_log, services.metrics)
+        egress_runtime = EgressRuntime(options.egress, pools, access_log, services.tcp_metrics)
         egress_kwargs = egress_runtime.pipeline_kwargs()
     pipeline = Pipeline(
         snapshot_ref,
@@ -292,6 +292,7 @@ async def _serve_worker(
         **egress_kwargs,
     )
     listeners = ListenerSet(pipeline, settings, options.address)
+    listeners.tcp_metrics = services.tcp_metrics
     if egress_runtime is not None:
         listeners.passthrough = egress_runtime.passthrough(snapshot_ref)
     tls_listeners = [

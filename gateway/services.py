@@ -26,7 +26,7 @@ from typing import Any
 from .admin.app import AdminState, Readiness
 from .admin.stats import cluster_stats, fetch_worker_stats, serve_stats
 from .config.errors import Model
-from .metrics import RequestMetrics, WorkloadLabels
+from .metrics import RequestMetrics, TcpMetrics, WorkloadLabels
 from .reload import Build, OnApplied, Reloader
 from .routing.table import Snapshot
 from .tracing import OtlpExporter, TraceStage
@@ -61,6 +61,8 @@ class ProcessServices:
         self.pools = pools
         self.workload = workload or WorkloadLabels("meshgate-ingressgateway", "istio-system")
         self.metrics = RequestMetrics() if serving else None
+        # Connections proxied as TCP (TLS passthrough, ingress and egress).
+        self.tcp_metrics = TcpMetrics() if serving else None
         self.tracing = TraceStage(trace_sampling) if serving else None
         self.exporter = (
             OtlpExporter(otlp_endpoint, self.workload.name) if serving and otlp_endpoint else None
@@ -123,6 +125,7 @@ class ProcessServices:
             "version": snapshot.version if snapshot is not None else None,
             "reload": self.reloader.status.to_dict(),
             "metrics": self.metrics.export() if self.metrics is not None else [],
+            "tcp_metrics": self.tcp_metrics.export() if self.tcp_metrics is not None else [],
             "clusters": cluster_stats(snapshot, self.pools),
             "tracing": {
                 "exported": exporter.exported if exporter else 0,

@@ -8,8 +8,8 @@
     GET /clusters        clusters, endpoints, health, ejection, pool figures
     GET /gateway_status  Gateway API status: the conditions of every GatewayClass,
                          Gateway, listener and route this gateway serves
-    GET /metrics         Prometheus text: Istio's standard request metrics and
-                         meshgate's own reload and trace-export counters
+    GET /metrics         Prometheus text: Istio's standard request and TCP metrics
+                         and meshgate's own reload and trace-export counters
 
 With several workers the parent serves it: ``/metrics`` and ``/clusters`` are the
 sums of every worker's figures, fetched when asked (``gateway.admin.stats``).
@@ -119,7 +119,7 @@ def _resource(resource: Any) -> dict[str, Any]:
 
 
 def _state_routes(state: AdminState) -> list[Route]:
-    from ..metrics import merge_exports, render_text
+    from ..metrics import merge_exports, merge_tcp_exports, render_text
     from ..routing.dump import format_routes, snapshot_to_dict
     from .stats import merge_clusters
 
@@ -179,7 +179,8 @@ def _state_routes(state: AdminState) -> list[Route]:
             return "grpc" if cluster is not None and cluster.protocol == "GRPC" else "http"
 
         series = merge_exports(p.get("metrics", []) for p in processes)
-        body = render_text(series, state.workload, protocol_of)
+        tcp = merge_tcp_exports(p.get("tcp_metrics", []) for p in processes)
+        body = render_text(series, state.workload, protocol_of, tcp)
         body += _own_metrics(state.reload(), processes)
         from authn.stats import render_exports
 

@@ -1,9 +1,9 @@
 """Per-process figures for the admin API, and how they cross from workers to the parent.
 
 Every serving process can describe itself as one JSON-able dict (``ProcessStats``):
-its pid, Snapshot version, reload status, request-metric aggregates, upstream pool
-state and trace-export counters. With one process the admin API reads that dict
-directly. With ``--workers N`` the parent serves the admin API; each worker listens
+its pid, Snapshot version, reload status, request and TCP metric aggregates,
+upstream pool state and trace-export counters. With one process the admin API reads
+that dict directly. With ``--workers N`` the parent serves the admin API; each worker listens
 on a Unix socket in a private temporary directory made by the parent and, when
 connected to, writes its dict and closes. The parent asks every worker at scrape time
 and merges, so ``/metrics`` and ``/clusters`` are exact sums at that moment (no

@@ -6,7 +6,8 @@ TLS) accept the socket themselves, peek at the ClientHello without consuming it,
 choose the Gateway server by SNI (``tls.py``) and then either terminate TLS with that
 server's context — ALPN ``h2`` goes to ``H2Protocol``, ``http/1.1`` or no ALPN to
 ``HTTP1Connection`` — or, for PASSTHROUGH servers, splice the still-encrypted bytes
-to the upstream a VirtualService ``tls[]`` route names.
+to the upstream a VirtualService ``tls[]`` route names, counting each spliced
+connection in Istio's TCP metrics (``tcp_metrics``).
 
 It owns binding (``SO_REUSEPORT``, so several worker processes can share a port),
 the set of live connections (including the HTTP/2 protocol that takes a connection
@@ -27,7 +28,7 @@ import socket
 import ssl
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..memory import SWEEPER, MemorySweeper
 from ..routing.table import Listener, SNIRoute
@@ -46,6 +47,9 @@ from .tls import (
     xfcc_value,
 )
 from .tlsread import BufferedReads
+
+if TYPE_CHECKING:
+    from ..metrics import TcpMetrics
 
 __all__ = [
     "CLEARTEXT_PROTOCOLS",
@@ -112,6 +116,8 @@ class ListenerSet:
     # servers instead of the built-in splice; returns a coroutine (the egress gateway
     # decides by its registry, resolves names and logs the tunnel).
     passthrough: Any = None
+    # Where the built-in splice counts its connections (Istio's TCP metrics).
+    tcp_metrics: TcpMetrics | None = None
     _idle: asyncio.Event = field(default_factory=asyncio.Event)
     # Runs gateway.memory.release_memory when the last connection has gone.
     sweeper: MemorySweeper = field(default_factory=lambda: SWEEPER)
@@ -498,8 +504,14 @@ _rr = itertools.count()
 
 
 async def _passthrough(owner: ListenerSet, conn: socket.socket, route: SNIRoute) -> None:
-    """Splice a TLS connection, ClientHello included, to the route's upstream."""
+    """Splice a TLS connection, ClientHello included, to the route's upstream.
+
+    Counted in ``owner.tcp_metrics`` as Envoy's TCP proxy flags it: opened once both
+    sides are connected, closed with its bytes when both have closed; no cluster
+    (``NC``), a failed or timed-out upstream connect (``UF``) or a client gone before
+    it was adopted (``DC``) is opened and closed at once."""
     loop = asyncio.get_running_loop()
+    metrics = owner.tcp_metrics
     snapshot = owner.snapshot_ref.current if owner.snapshot_ref is not None else None
     pick = route.destinations[0]
     if len(route.destinations) > 1:
@@ -509,6 +521,8 @@ async def _passthrough(owner: ListenerSet, conn: socket.socket, route: SNIRoute)
     if cluster is None:
         logger.info("passthrough %s: no cluster %s", route.name, pick.cluster)
         conn.close()
+        if metrics is not None:
+            metrics.refused(pick.cluster, "NC")
         return
     if cluster.endpoints:
         endpoint = cluster.endpoints[next(_rr) % len(cluster.endpoints)]
@@ -523,15 +537,22 @@ async def _passthrough(owner: ListenerSet, conn: socket.socket, route: SNIRoute)
     except (OSError, TimeoutError) as exc:
         logger.info("passthrough %s: upstream %s:%d failed: %s", route.name, *target, exc)
         conn.close()
+        if metrics is not None:
+            metrics.refused(cluster.name, "UF")
         return
     try:
         await loop.connect_accepted_socket(lambda: downstream, conn)
     except OSError:
         upstream.abort()
         conn.close()
+        if metrics is not None:
+            metrics.refused(cluster.name, "DC")
         return
     pair = _SplicePair(downstream, upstream)
     pair.on_close = owner._closed
+    if metrics is not None:
+        metrics.opened(cluster.name)
+        pair.metrics, pair.cluster = metrics, cluster.name
     owner._track(pair)
     downstream.peer, upstream.peer = upstream, downstream
     downstream.pair = upstream.pair = pair
@@ -553,12 +574,15 @@ class _Splice(asyncio.Protocol):
         self.pair: _SplicePair | None = None
         self.early: list[bytes] = []
         self.early_eof = False
+        self.eof = False  # this side's reader has ended
         self.closed = False
+        self.received = 0  # bytes read on this side, for the TCP metrics
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
+        self.received += len(data)
         peer = self.peer
         if peer is None or peer.transport is None:
             # The other side is not connected yet: hold (bounded by the socket
@@ -581,6 +605,7 @@ class _Splice(asyncio.Protocol):
             self.transport.resume_reading()
 
     def eof_received(self) -> bool:
+        self.eof = True
         if self.peer is None:
             self.early_eof = True
         else:
@@ -589,7 +614,17 @@ class _Splice(asyncio.Protocol):
 
     def _forward_eof(self) -> None:
         peer = self.peer
-        if peer is not None and peer.transport is not None and peer.transport.can_write_eof():
+        if peer is None or peer.transport is None:
+            return
+        if peer.eof:
+            # Both directions have ended: nothing more can flow, and neither
+            # transport would report its loss by itself. Close both (each flushes
+            # what it still holds first).
+            peer.transport.close()
+            if self.transport is not None:
+                self.transport.close()
+            return
+        if peer.transport.can_write_eof():
             with contextlib.suppress(OSError, RuntimeError):
                 peer.transport.write_eof()
 
@@ -620,12 +655,18 @@ class _SplicePair:
     def __init__(self, downstream: _Splice, upstream: _Splice) -> None:
         self.sides = (downstream, upstream)
         self.on_close: Any = None
+        self.metrics: TcpMetrics | None = None
+        self.cluster = ""
 
     def side_closed(self) -> None:
         if all(side.closed for side in self.sides):
             on_close, self.on_close = self.on_close, None
             if on_close is not None:
                 on_close(self)
+            metrics, self.metrics = self.metrics, None
+            if metrics is not None:
+                downstream, upstream = self.sides
+                metrics.closed(self.cluster, "", downstream.received, upstream.received)
 
     def shutdown(self) -> None:
         # A byte stream has no graceful stop of its own: let it run until the drain

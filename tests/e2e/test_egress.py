@@ -507,19 +507,28 @@ def test_sni_passthrough_to_an_unreachable_endpoint_is_reset_and_logged_uf(eg: E
 
 
 def test_tunnels_are_counted_with_the_external_host_as_destination(eg: Egress) -> None:
-    answer = _tls_get(eg, "api.example.test")  # SNI passthrough: status 0
+    answer = _tls_get(eg, "api.example.test")  # SNI passthrough: a TCP connection
     assert answer.startswith(b"HTTP/1.1 200")
-    _connect(eg.port, "counted.unknown.example.test:443")  # refused CONNECT
+    _connect(eg.port, "counted.unknown.example.test:443")  # refused CONNECT: a request
     # Each is counted when its access-log line is written, in the same step.
     eg.gateway.log_where(lambda r: r["authority"] == f"api.example.test:{eg.sni_port}")
     eg.gateway.log_where(lambda r: r["authority"] == "counted.unknown.example.test:443")
     text = httpx.get(f"http://127.0.0.1:{eg.admin}/metrics", timeout=10).text
     totals = [line for line in text.splitlines() if line.startswith("istio_requests_total{")]
-    assert any(
-        'destination_service="api.example.test"' in line and 'response_code="0"' in line
-        for line in totals
-    ), totals
+    # An HTTP CONNECT is a request, as in Istio; a passthrough connection is not.
     assert any(
         'destination_service="BlackHoleCluster"' in line and 'response_flags="NR"' in line
         for line in totals
     ), totals
+    assert not any(
+        'destination_service="api.example.test"' in line and 'response_code="0"' in line
+        for line in totals
+    ), totals
+    opened = [
+        line
+        for line in text.splitlines()
+        if line.startswith("istio_tcp_connections_opened_total{")
+        and 'destination_service="api.example.test"' in line
+        and 'request_protocol="tcp"' in line
+    ]
+    assert opened and float(opened[0].rsplit(" ", 1)[1]) >= 1, text[-3000:]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -10,9 +11,11 @@ from gateway.metrics import (
     BYTES_BUCKETS,
     DURATION_BUCKETS_MS,
     RequestMetrics,
+    TcpMetrics,
     WorkloadLabels,
     destination_labels,
     merge_exports,
+    merge_tcp_exports,
     render_text,
 )
 
@@ -186,3 +189,99 @@ def test_the_data_plane_does_not_import_prometheus_client_until_a_scrape() -> No
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "True"]
+
+
+# --------------------------------------------------------------------------- TCP
+
+EXTERNAL = "outbound|443||api.example.com"
+TCP_FAMILIES = (
+    "istio_tcp_connections_opened_total",
+    "istio_tcp_connections_closed_total",
+    "istio_tcp_received_bytes_total",
+    "istio_tcp_sent_bytes_total",
+)
+
+
+def _tcp(text: bytes) -> dict[tuple[str, str], tuple[float, ...]]:
+    """(destination_service, response_flags) -> (opened, closed, received, sent)."""
+    samples = _samples(text)
+    out: dict[tuple[str, str], list[float]] = {}
+    for index, name in enumerate(TCP_FAMILIES):
+        for labels, value in samples.get(name, []):
+            key = (labels["destination_service"], labels["response_flags"])
+            out.setdefault(key, [0.0] * 4)[index] = value
+    return {key: tuple(values) for key, values in out.items()}
+
+
+def test_tcp_connections_are_counted_opened_then_closed_with_their_bytes() -> None:
+    tcp = TcpMetrics()
+    tcp.opened(CLUSTER)
+    tcp.opened(CLUSTER)
+    text = render_text({}, WORKLOAD, tcp=tcp.series)
+    assert _tcp(text) == {("reviews.shop.svc.cluster.local", "-"): (2.0, 0.0, 0.0, 0.0)}
+    tcp.closed(CLUSTER, "", 517, 4000)
+    tcp.closed(CLUSTER, "", 100, 20)
+    text = render_text({}, WORKLOAD, tcp=tcp.series)
+    assert _tcp(text) == {("reviews.shop.svc.cluster.local", "-"): (2.0, 2.0, 617.0, 4020.0)}
+
+
+def test_a_connection_that_never_reached_an_upstream_is_opened_and_closed_with_its_flag() -> None:
+    tcp = TcpMetrics()
+    tcp.refused(EXTERNAL, "UF")
+    tcp.refused("BlackHoleCluster", "NR")
+    tcp.refused(EXTERNAL, "UF")
+    assert _tcp(render_text({}, WORKLOAD, tcp=tcp.series)) == {
+        ("api.example.com", "UF"): (2.0, 2.0, 0.0, 0.0),
+        ("BlackHoleCluster", "NR"): (1.0, 1.0, 0.0, 0.0),
+    }
+
+
+def test_tcp_metrics_carry_istio_tcp_labels_and_no_response_code() -> None:
+    tcp = TcpMetrics()
+    tcp.opened(EXTERNAL)
+    samples = _samples(render_text({}, WORKLOAD, tcp=tcp.series))
+    for name in TCP_FAMILIES:
+        (labels, _), *others = samples[name]
+        assert not others
+        assert labels == {
+            "reporter": "source",
+            "source_workload": "meshgate-ingressgateway",
+            "source_workload_namespace": "edge",
+            "destination_workload": "unknown",
+            "destination_workload_namespace": "unknown",
+            "destination_service": "api.example.com",
+            "destination_service_name": "api.example.com",
+            "destination_service_namespace": "unknown",
+            "request_protocol": "tcp",
+            "response_flags": "-",
+            "connection_security_policy": "unknown",
+        }, name
+
+
+def test_tcp_exports_of_workers_merge_into_exact_sums() -> None:
+    one, two = TcpMetrics(), TcpMetrics()
+    for tcp, n, size in ((one, 3, 10), (two, 4, 1000)):
+        for _ in range(n):
+            tcp.opened(EXTERNAL)
+            tcp.closed(EXTERNAL, "", size, 2 * size)
+    two.refused(EXTERNAL, "UF")
+    # What crosses the process boundary is JSON.
+    exports = [json.loads(json.dumps(t.export())) for t in (one, two)]
+    merged = merge_tcp_exports(exports)
+    assert merged == {(EXTERNAL, ""): [7, 7, 4030, 8060], (EXTERNAL, "UF"): [1, 1, 0, 0]}
+    assert _tcp(render_text({}, WORKLOAD, tcp=merged)) == {
+        ("api.example.com", "-"): (7.0, 7.0, 4030.0, 8060.0),
+        ("api.example.com", "UF"): (1.0, 1.0, 0.0, 0.0),
+    }
+
+
+def test_requests_and_tcp_connections_render_side_by_side() -> None:
+    metrics, tcp = RequestMetrics(), TcpMetrics()
+    metrics.record(CLUSTER, 200, "", 1.0, 0, 10)
+    tcp.opened(EXTERNAL)
+    samples = _samples(render_text(metrics.series, WORKLOAD, tcp=tcp.series))
+    assert [v for _, v in samples["istio_requests_total"]] == [1.0]
+    assert [v for _, v in samples["istio_tcp_connections_opened_total"]] == [1.0]
+    # No TCP aggregates: the families are declared, with no series.
+    samples = _samples(render_text(metrics.series, WORKLOAD))
+    assert "istio_tcp_connections_opened_total" not in samples
