@@ -141,8 +141,12 @@ class RawBackend:
                 return
 
     def stop(self) -> None:
+        # shutdown wakes the blocked accept() (close alone would not, on Linux).
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
         self.thread.join(5)
+        assert not self.thread.is_alive()
 
 
 def _read_exactly(conn: socket.socket, n: int) -> bytes:

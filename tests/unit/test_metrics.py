@@ -283,5 +283,7 @@ def test_requests_and_tcp_connections_render_side_by_side() -> None:
     assert [v for _, v in samples["istio_requests_total"]] == [1.0]
     assert [v for _, v in samples["istio_tcp_connections_opened_total"]] == [1.0]
     # No TCP aggregates: the families are declared, with no series.
-    samples = _samples(render_text(metrics.series, WORKLOAD))
-    assert "istio_tcp_connections_opened_total" not in samples
+    text = render_text(metrics.series, WORKLOAD)
+    for name in TCP_FAMILIES:
+        assert f"# TYPE {name} counter".encode() in text
+        assert name not in _samples(text)
