@@ -32,6 +32,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from test_gateway_helpers import free_tcp_udp_port
 
 import gateway.runtime
 from gateway.demo_backend import pattern_bytes
@@ -43,21 +44,6 @@ BIG_BYTES = 16 * 1024 * 1024
 
 
 # --------------------------------------------------------------------------- processes
-
-
-def _free_port() -> int:
-    """A port free for TCP and for UDP at once (the HTTPS listener needs both)."""
-    for _ in range(50):
-        with socket.socket() as tcp:
-            tcp.bind(("127.0.0.1", 0))
-            port = int(tcp.getsockname()[1])
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-                try:
-                    udp.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-                return port
-    raise AssertionError("no port free for both TCP and UDP")
 
 
 class Process:
@@ -232,7 +218,7 @@ class Gateway:
         self.ca_file = _mint(tmp)
         self.v1, v1_port = _start_backend("v1")
         self.v2, v2_port = _start_backend("v2")
-        self.port = _free_port()
+        self.port = free_tcp_udp_port()
         self.blocker: socket.socket | None = None
         if blocked_udp:
             # Someone else holds the UDP side of the port (no SO_REUSEPORT).
@@ -243,7 +229,9 @@ class Gateway:
         (config_dir / "config.yaml").write_text(
             CONFIG.format(v1=v1_port, v2=v2_port, port=self.port, certs=tmp)
         )
-        self.gateway = Process(["run", str(config_dir), "--admin-port", str(_free_port()), *extra])
+        self.gateway = Process(
+            ["run", str(config_dir), "--admin-port", str(free_tcp_udp_port()), *extra]
+        )
         self.gateway.wait_for_line("serving HTTP on")
         self.base = f"https://127.0.0.1:{self.port}"
 
