@@ -298,13 +298,11 @@ LABEL_NAMES = (
     "request_protocol",
     "response_code",
     "response_flags",
-)
-
-# Istio's TCP metrics carry no response code, and do carry the security policy.
-TCP_LABEL_NAMES = (
-    *(name for name in LABEL_NAMES if name != "response_code"),
     "connection_security_policy",
 )
+
+# Istio's TCP metrics carry no response code.
+TCP_LABEL_NAMES = tuple(name for name in LABEL_NAMES if name != "response_code")
 
 
 def _buckets(bounds: tuple[float, ...], counts: list[int]) -> list[tuple[str, float]]:
@@ -362,6 +360,9 @@ def render_families(
             protocol_of(cluster) if cluster else "http",
             str(status),
             flags or "-",
+            # Istio: mutual_tls or none only in a destination report; a source
+            # report cannot know the policy and says unknown.
+            _UNKNOWN,
         ]
         requests.add_metric(values, s[_COUNT])
         duration.add_metric(values, _buckets(DURATION_BUCKETS_MS, s[_DUR]), s[_DUR_SUM])
@@ -400,9 +401,7 @@ def render_tcp_families(series: Mapping[TcpKey, list[int]], workload: WorkloadLa
             service_namespace,
             "tcp",
             flags or "-",
-            # Istio: mutual_tls or none only in a destination report; a source
-            # report cannot know the policy and says unknown.
-            _UNKNOWN,
+            _UNKNOWN,  # connection_security_policy, as on the request metrics
         ]
         opened.add_metric(values, s[_OPENED])
         closed.add_metric(values, s[_CLOSED])

@@ -66,6 +66,7 @@ def test_every_istio_label_is_present_with_gateway_values() -> None:
         "request_protocol": "http",
         "response_code": "200",
         "response_flags": "-",
+        "connection_security_policy": "unknown",
     }
 
 
