@@ -243,7 +243,8 @@ def test_two_gateways_share_one_redis_limit(
     dir_a, dir_b = tmp_path / "a", tmp_path / "b"
     dir_a.mkdir()
     dir_b.mkdir()
-    url = ["--redis-url", redis_server.url]
+    # A generous bound: a decision that timed out would fail open and spoil the count.
+    url = ["--redis-url", redis_server.url, "--redis-timeout-ms", "5000"]
     a = Gateway(
         _write_config(dir_a, port_a, backend.port, redis=True, open_limit=10), admin_a, *url
     )

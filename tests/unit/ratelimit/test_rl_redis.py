@@ -20,6 +20,9 @@ from ratelimit.redis_backend import (
 )
 
 UNITS = ["second", "minute", "hour", "day"]
+# Where the timeout is not what a test is about, a generous one: the default 0.1 s is
+# a production bound, and a loaded test machine can exceed it on a first connect.
+PATIENT_S = 5.0
 
 
 async def _take_all(backend: RedisBackend, bucket: str, rate: Rate, n: int) -> list[Outcome | None]:
@@ -34,7 +37,7 @@ def test_exactly_the_burst_passes_per_unit_and_the_next_is_refused(
     rate = Rate.of(5, per)
 
     async def main() -> list[Outcome | None]:
-        backend = RedisBackend(redis_server.url)
+        backend = RedisBackend(redis_server.url, timeout_s=PATIENT_S)
         try:
             return await _take_all(backend, f"unit-{per}", rate, 6)
         finally:
@@ -56,7 +59,7 @@ def test_decisions_of_one_tick_share_one_round_trip_and_stay_exact(
     rate = Rate.of(10, "minute")
 
     async def main() -> tuple[list[Outcome | None], int]:
-        backend = RedisBackend(redis_server.url)
+        backend = RedisBackend(redis_server.url, timeout_s=PATIENT_S)
         await backend.start()  # connected, script loaded: the batch is the only trip
         try:
             results = await _take_all(backend, "batched", rate, 40)
@@ -74,7 +77,7 @@ def test_a_flushed_script_is_loaded_again_on_noscript(redis_server: RedisServer)
     rate = Rate.of(2, "minute")
 
     async def main() -> tuple[list[Outcome | None], int]:
-        backend = RedisBackend(redis_server.url)
+        backend = RedisBackend(redis_server.url, timeout_s=PATIENT_S)
         try:
             first = await _take_all(backend, "noscript", rate, 1)
             redis_server.command("SCRIPT", "FLUSH")
@@ -94,7 +97,7 @@ def test_keys_are_namespaced_hash_tagged_and_expire_when_the_bucket_is_full(
     rate = Rate.of(60, "minute")  # 1 s per request
 
     async def main() -> None:
-        backend = RedisBackend(redis_server.url)
+        backend = RedisBackend(redis_server.url, timeout_s=PATIENT_S)
         try:
             await _take_all(backend, "ns/p/l\x1fclient", rate, 3)
         finally:
@@ -122,7 +125,7 @@ def test_refilling_the_bucket_by_editing_its_state_lets_exactly_one_more_through
     rate = Rate.of(3, "hour")
 
     async def main() -> list[bool]:
-        backend = RedisBackend(redis_server.url, precheck_max_keys=0)
+        backend = RedisBackend(redis_server.url, timeout_s=PATIENT_S, precheck_max_keys=0)
         try:
             seen = [r.allowed for r in await _take_all(backend, "refill", rate, 4) if r]
             # Move the stored TAT one interval back: one token's worth of time passed.
@@ -143,7 +146,7 @@ def test_the_precheck_refuses_a_key_over_its_limit_without_a_round_trip(
     rate = Rate.of(1, "hour")
 
     async def main() -> tuple[list[bool], int, int]:
-        backend = RedisBackend(redis_server.url)
+        backend = RedisBackend(redis_server.url, timeout_s=PATIENT_S)
         await backend.start()
         try:
             first = await _take_all(backend, "pre", rate, 2)
@@ -242,7 +245,7 @@ time.monotonic = lambda: real_mono() + skew
 from ratelimit.redis_backend import RedisBackend
 
 async def main():
-    backend = RedisBackend(sys.argv[1], clock=time.monotonic, precheck_max_keys=0)
+    backend = RedisBackend(sys.argv[1], clock=time.monotonic, precheck_max_keys=0, timeout_s=5.0)
     out = []
     for _ in range(int(sys.argv[3])):
         result = backend.take("skew", 60_000_000, 6)  # 1 per minute, burst 6
