@@ -12,7 +12,7 @@ same bytes the benchmark's nginx backend sends, one loop tick later, as a socket
 Usage:
     .venv/bin/python loadtest/bench_hotpath.py                 # 5 rounds of 20,000
     N=50000 ROUNDS=3 CONNS=50 .venv/bin/python loadtest/bench_hotpath.py
-    PROFILE=1 .venv/bin/python loadtest/bench_hotpath.py       # cProfile, top 30
+    PROFILE=1 .venv/bin/python loadtest/bench_hotpath.py       # cProfile, top 30 (TOP=N)
     TELEMETRY=1 .venv/bin/python loadtest/bench_hotpath.py     # + tracing and metrics
 
 For an exact A/B comparison on a noisy machine, count instructions instead of time:
@@ -253,7 +253,7 @@ async def main() -> None:
         profiler.enable()
         await measure(pipeline, pools, snapshot, N)
         profiler.disable()
-        pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(int(os.environ.get("TOP", "30")))
         return
     results = []
     for index in range(ROUNDS):
