@@ -33,6 +33,7 @@ import contextlib
 import logging
 import random
 import secrets
+import ssl
 import time
 from collections import deque
 from collections.abc import Callable
@@ -50,6 +51,7 @@ from .errors import (
 from .policy import ClusterTraffic, ConnectionLimits, RetryPolicy, RouteTraffic
 from .routing.table import Cluster
 from .server.events import RequestHead, ResponseHead
+from .server.tlsread import BufferedReads
 from .upstream.h2client import H2UpstreamConnection, H2UpstreamStream, refused, request_headers
 from .upstream.lb import Balancer, hash_key, make_balancer
 from .upstream.outlier import EndpointState, OutlierDetector
@@ -273,13 +275,14 @@ class ClusterState:
         self.connections += 1
         try:
             async with asyncio.timeout(timeout_s):
-                transport, conn = await loop.create_connection(
-                    lambda: UpstreamConnection(pool, high),
+                transport, made = await loop.create_connection(
+                    _tls_reads(lambda: UpstreamConnection(pool, high), ssl_context),
                     pool.address,
                     pool.port,
                     ssl=ssl_context,
                     server_hostname=server_hostname,
                 )
+            conn = _unwrapped(made)
         except TimeoutError as exc:
             self.connections -= 1
             raise UpstreamConnectFailure(f"connect to {pool.host_label} timed out") from exc
@@ -344,13 +347,14 @@ class ClusterState:
         self.connections += 1
         try:
             async with asyncio.timeout(timeout_s):
-                transport, conn = await loop.create_connection(
-                    lambda: H2UpstreamConnection(endpoint.host_label),
+                transport, made = await loop.create_connection(
+                    _tls_reads(lambda: H2UpstreamConnection(endpoint.host_label), ssl_context),
                     endpoint.address,
                     endpoint.port,
                     ssl=ssl_context,
                     server_hostname=server_hostname,
                 )
+            conn = _unwrapped(made)
         except TimeoutError as exc:
             self.connections -= 1
             raise UpstreamConnectFailure(f"connect to {endpoint.host_label} timed out") from exc
@@ -1027,3 +1031,16 @@ class TrafficForwarder:
             task.cancel()
         for state in self.clusters.values():
             state.close()
+
+
+def _tls_reads(factory: Callable[[], Any], ssl_context: ssl.SSLContext | None) -> Callable[[], Any]:
+    """Over TLS, the protocol behind ``BufferedReads``: the event loop's TLS
+    transport then reads into one shared buffer instead of allocating 256 KiB per
+    read (see ``gateway.server.tlsread``), as downstream TLS connections do."""
+    if ssl_context is None:
+        return factory
+    return lambda: BufferedReads(factory())
+
+
+def _unwrapped(protocol: Any) -> Any:
+    return protocol.protocol if isinstance(protocol, BufferedReads) else protocol

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 from test_gateway_helpers import Backend, Gateway, free_ports
-from traffic_backends import ScriptedBackend, TestCA
+from traffic_backends import ScriptedBackend, TestCA, pattern
 
 CONFIG = """
 apiVersion: networking.istio.io/v1
@@ -479,6 +479,14 @@ def test_ejected_endpoint_returns_after_its_ejection_time(gw: Setup) -> None:
 def test_simple_tls_origination_verifies_the_server_with_sni(gw: Setup) -> None:
     response, _ = gw.get("/simple", host="tls.local")
     assert response.status_code == 200 and response.headers["x-served-by"] == "tls-simple"
+
+
+def test_a_large_response_over_originated_tls_arrives_intact(gw: Setup) -> None:
+    # Many TLS records, read through the shared read buffer: every byte, in order.
+    response, log = gw.get("/simple?bytes=3000000", host="tls.local")
+    assert response.status_code == 200 and response.headers["x-served-by"] == "tls-simple"
+    assert response.content == pattern(3_000_000)
+    assert log["bytes_sent"] == 3_000_000
 
 
 def test_mutual_tls_presents_the_client_certificate(gw: Setup) -> None:

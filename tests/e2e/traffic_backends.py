@@ -59,12 +59,17 @@ class Recorder:
             return [r["path"] for r in self.requests]
 
 
+def pattern(size: int) -> bytes:
+    """``size`` bytes that are not all alike, so a lost or repeated chunk shows."""
+    return (bytes(range(251)) * (size // 251 + 1))[:size]
+
+
 def _handler(recorder: Recorder) -> type[http.server.BaseHTTPRequestHandler]:
     class Handler(http.server.BaseHTTPRequestHandler):
         """Query controls: ``fail=N&key=K&status=S`` (or ``fail_status=S``) answers S
         to the first N requests of key K, then 200; ``status=S`` alone always answers
         S; ``ms=N`` waits first (in the handler thread, standing in for a slow
-        backend)."""
+        backend); ``bytes=N`` answers N bytes of ``pattern(N)``."""
 
         protocol_version = "HTTP/1.1"
 
@@ -96,6 +101,8 @@ def _handler(recorder: Recorder) -> type[http.server.BaseHTTPRequestHandler]:
             elif "status" in query:
                 status = int(query["status"])
             payload = f"{recorder.name} {status} {len(body)}".encode()
+            if "bytes" in query:
+                payload = pattern(int(query["bytes"]))
             self.send_response(status)
             self.send_header("content-length", str(len(payload)))
             self.send_header("x-served-by", recorder.name)
