@@ -152,10 +152,10 @@ def _build_parser() -> argparse.ArgumentParser:
     limits.add_argument(
         "--malloc-mmap-threshold",
         type=int,
-        default=128 * 1024,
+        default=0,
         metavar="BYTES",
         help="glibc: blocks this large get their own mapping, returned when freed "
-        "(131072; 0: glibc's dynamic default; docs/performance.md)",
+        "(0, the default: glibc's dynamic threshold; docs/performance.md)",
     )
     ratelimit = run.add_argument_group("rate limits (docs/ratelimit.md)")
     ratelimit.add_argument(

@@ -60,7 +60,7 @@ class RunOptions:
     stats_dir: str | None = None  # set by the supervisor: where workers answer the parent
     egress: Any = None  # egress.EgressSettings: serve as an egress gateway; None: ingress
     # glibc M_MMAP_THRESHOLD (gateway.memory): 0 leaves glibc's dynamic threshold.
-    malloc_mmap_threshold: int = 128 * 1024
+    malloc_mmap_threshold: int = 0
 
 
 class SnapshotRef:

@@ -64,6 +64,15 @@ def test_glibc_default_moves_the_second_large_block_into_the_heap() -> None:
     assert not _second_block_is_mapped(0)
 
 
+def test_the_gateway_leaves_glibcs_dynamic_threshold_by_default() -> None:
+    # A fixed threshold maps every large socket read: bulk transfers cost ~3x the CPU.
+    from gateway.cli import _build_parser
+    from gateway.runtime import RunOptions
+
+    assert _build_parser().parse_args(["run", "x"]).malloc_mmap_threshold == 0
+    assert RunOptions(paths=()).malloc_mmap_threshold == 0
+
+
 def test_a_threshold_over_glibcs_maximum_is_refused_with_a_reason() -> None:
     problem = tune_malloc(64 * 1024 * 1024)
     assert problem is not None and "maximum" in problem
