@@ -98,12 +98,15 @@ def release_memory() -> int:
 class MemorySweeper:
     """Runs ``release_memory`` when a listener goes quiet, at most once per interval.
 
-    A listener calls ``idle(still_idle, delay_s)`` when its last connection has gone;
-    the sweep runs ``delay_s`` later (or once ``min_interval_s`` has passed since the
-    previous one) if ``still_idle()`` is then true. A collection walks only what
-    ``gc.freeze()`` has not frozen, a few ms on a quiet worker; the interval bounds
-    it when connections come and go one at a time. Memory is process-wide, so is
-    the sweeper (``SWEEPER``)."""
+    A listener calls ``watch(still_idle)`` when it starts, ``forget(still_idle)`` when
+    it stops, and ``idle(still_idle, delay_s)`` when its last connection has gone. The
+    sweep runs ``delay_s`` later (or once ``min_interval_s`` has passed since the
+    previous one) if every watched listener, and the one that asked, is idle then: a
+    collection pauses the whole process, so it never runs while another listener
+    (HTTP/3 beside HTTP/1.1 and HTTP/2, say) is serving. A collection walks only
+    what ``gc.freeze()`` has not frozen, a few ms on a quiet worker; the interval
+    bounds it when connections come and go one at a time. Memory is process-wide,
+    so is the sweeper (``SWEEPER``)."""
 
     def __init__(
         self,
@@ -119,6 +122,17 @@ class MemorySweeper:
         self._pending: asyncio.TimerHandle | None = None
         self._pending_loop: asyncio.AbstractEventLoop | None = None
         self._checks: list[Callable[[], bool]] = []
+        self._watched: list[Callable[[], bool]] = []
+
+    def watch(self, still_idle: Callable[[], bool]) -> None:
+        """Count a listener in: no sweep while its ``still_idle()`` is false."""
+        if still_idle not in self._watched:
+            self._watched.append(still_idle)
+
+    def forget(self, still_idle: Callable[[], bool]) -> None:
+        """A stopped listener no longer holds sweeps back."""
+        if still_idle in self._watched:
+            self._watched.remove(still_idle)
 
     def idle(self, still_idle: Callable[[], bool], delay_s: float = 0.0) -> None:
         loop = asyncio.get_running_loop()
@@ -135,7 +149,8 @@ class MemorySweeper:
     def _sweep(self) -> None:
         self._pending = self._pending_loop = None
         checks, self._checks = self._checks, []
-        if any(check() for check in checks):
+        checks += [check for check in self._watched if check not in checks]
+        if checks and all(check() for check in checks):
             self._last = self.clock()
             self.sweeps += 1
             self.release()

@@ -844,6 +844,7 @@ class QuicListener:
         self._stopped = False
         self.sweeper = SWEEPER
         self.sweep_after_s = SWEEP_AFTER_S
+        self.sweeper.watch(self._quiet)
 
     def _create_protocol(self, quic: Any, stream_handler: Any = None) -> H3Protocol:
         """aioquic's ``create_protocol``: one ``H3Protocol`` per new connection."""
@@ -891,6 +892,7 @@ class QuicListener:
         if self._stopped:
             return
         self._stopped = True
+        self.sweeper.forget(self._quiet)
         if self._advertised:
             self._advertised = False
             altsvc.withdraw(self.port)

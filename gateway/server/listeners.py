@@ -124,6 +124,9 @@ class ListenerSet:
     _stopping: bool = False
     _tasks: set[asyncio.Task[Any]] = field(default_factory=set)
 
+    def __post_init__(self) -> None:
+        self.sweeper.watch(self._quiet)
+
     async def start(self, ports: Iterable[int], scheme: str = "http") -> list[int]:
         """Bind every cleartext port; returns the bound ports (useful when a port is 0)."""
         loop = asyncio.get_running_loop()
@@ -208,6 +211,7 @@ class ListenerSet:
     async def stop(self, drain_s: float = 5.0) -> None:
         """Stop accepting, let in-flight requests finish (at most ``drain_s``)."""
         self._stopping = True
+        self.sweeper.forget(self._quiet)
         for server in self.servers:
             server.close()
         for conn in list(self.connections):

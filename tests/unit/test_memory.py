@@ -113,3 +113,47 @@ def test_sweeper_runs_once_quiet_and_at_most_once_per_interval() -> None:
     runs = asyncio.run(asyncio.wait_for(scenario(), 10))
     assert len(runs) == 2
     assert runs[1] - runs[0] >= 0.3 - 1e-3
+
+
+def test_no_sweep_while_another_watched_listener_is_serving() -> None:
+    import asyncio
+
+    from gateway.memory import MemorySweeper
+
+    async def scenario() -> int:
+        loop = asyncio.get_running_loop()
+        runs: list[float] = []
+        sweeper = MemorySweeper(min_interval_s=0, release=lambda: runs.append(1.0))
+        state = {"tcp": True, "quic": False}  # HTTP/3 still has a connection
+
+        def tcp_quiet() -> bool:
+            return state["tcp"]
+
+        def quic_quiet() -> bool:
+            return state["quic"]
+
+        sweeper.watch(tcp_quiet)
+        sweeper.watch(quic_quiet)
+
+        async def due() -> None:
+            assert sweeper._pending is not None
+            reached = asyncio.Event()
+            loop.call_at(sweeper._pending.when(), reached.set)
+            await reached.wait()
+            await asyncio.sleep(0)  # the sweep's callback, scheduled for the same time
+
+        sweeper.idle(tcp_quiet)
+        await due()
+        assert runs == []  # the QUIC listener is busy: the process must not pause
+        state["quic"] = True
+        sweeper.idle(quic_quiet)
+        await due()
+        assert len(runs) == 1
+        # A stopped listener (busy for good) no longer holds sweeps back.
+        state["quic"] = False
+        sweeper.forget(quic_quiet)
+        sweeper.idle(tcp_quiet)
+        await due()
+        return len(runs)
+
+    assert asyncio.run(asyncio.wait_for(scenario(), 10)) == 2
