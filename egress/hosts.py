@@ -72,7 +72,17 @@ class HostsFile:
         if now >= self._next_check:
             self._next_check = now + self.check_every_s
             self._refresh()
-        return self._names.get(name.lower().rstrip("."))
+        names = self._names
+        if not names:
+            return None
+        # Asked on every egress request: the name as given first (hosts from the
+        # configuration are already lower-case), normalised only when that misses.
+        found = names.get(name)
+        if found is None:
+            key = name.lower().rstrip(".")
+            if key != name:
+                found = names.get(key)
+        return found
 
     def _refresh(self) -> None:
         try:

@@ -405,6 +405,10 @@ def _egress_mode(args: argparse.Namespace) -> tuple[dict[str, str], str, object]
     from egress import REGISTRY_ONLY, EgressSettings
     from egress.dns import NoDnsServers, Resolver, parse_server
 
+    if args.hosts_file and args.hosts_file != "/etc/hosts" and not os.path.isfile(args.hosts_file):
+        # A file named on purpose that is not there is a typo, not "no names".
+        print(f"meshgate: --hosts-file {args.hosts_file!r}: no such file", file=sys.stderr)
+        raise SystemExit(2)
     for server in args.dns_server:
         try:
             parse_server(server)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from egress import ALLOW_ANY, REGISTRY_ONLY
@@ -53,3 +55,18 @@ def test_a_dns_server_that_is_not_an_address_is_a_usage_error(
         _mode("egress", "c/", "--dns-server", "dns.example.test")
     assert exited.value.code == 2
     assert "--dns-server" in capsys.readouterr().err
+
+
+def test_a_hosts_file_named_but_missing_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    dns = ("--dns-server", "127.0.0.1")
+    with pytest.raises(SystemExit) as exited:
+        _mode("egress", "c/", *dns, "--hosts-file", str(tmp_path / "hosts"))
+    assert exited.value.code == 2
+    assert "--hosts-file" in capsys.readouterr().err
+    (tmp_path / "hosts").write_text("10.0.0.1 pinned.test\n")
+    _, _, settings = _mode("egress", "c/", *dns, "--hosts-file", str(tmp_path / "hosts"))
+    assert settings.hosts_file == str(tmp_path / "hosts")  # type: ignore[attr-defined]
+    _, _, settings = _mode("egress", "c/", *dns, "--hosts-file", "")
+    assert settings.hosts_file == ""  # type: ignore[attr-defined]
