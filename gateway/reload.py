@@ -98,7 +98,10 @@ class ReloadStatus:
 
 
 def _say(message: str) -> None:
-    print(f"meshgate: {message}", file=sys.stderr, flush=True)
+    # One write of the whole line: workers share stderr, and print() writes the text
+    # and its newline separately, so two workers' lines could run into one.
+    sys.stderr.write(f"meshgate: {message}\n")
+    sys.stderr.flush()
 
 
 class Reloader:

@@ -85,6 +85,7 @@ end
 return {0, 0, tat - now, ahead - capacity}
 """
 _SCRIPT_SHA = hashlib.sha1(GCRA_SCRIPT.encode()).hexdigest()
+_UP = float("-inf")  # _down_until while Redis is answering
 _KEY_PREFIX = "meshgate:rl:"
 _MAX_RAW_KEY = 200
 
@@ -213,7 +214,8 @@ class RedisBackend:
         self._scheduled = False
         self._inflight = 0
         self._tasks: set[asyncio.Task[None]] = set()
-        self._down_until = 0.0
+        # -inf, not 0: a monotonic clock may read below zero (the tests skew it).
+        self._down_until = _UP
         self._denied: dict[str, tuple[float, float]] = {}  # bucket -> (until, reset_at)
         # Counters for metrics and tests.
         self.round_trips = 0
@@ -286,9 +288,9 @@ class RedisBackend:
             except Exception as exc:  # redis errors, OSError, TimeoutError alike
                 self._fail(batch, exc)
                 return
-            if self._down_until:
+            if self._down_until != _UP:
                 log.warning("redis at %s answers again; global limits resume", self.url)
-                self._down_until = 0.0
+                self._down_until = _UP
             now = self.clock()
             for (bucket, _, _, future), reply in zip(batch, replies, strict=True):
                 if future.done():
@@ -380,7 +382,7 @@ class RedisBackend:
         return replies
 
     def _fail(self, batch: list[tuple[str, int, int, Any]], exc: BaseException) -> None:
-        if not self._down_until:
+        if self._down_until == _UP:
             log.warning(
                 "redis at %s failed (%s); applying each limit's failureMode",
                 self.url,
