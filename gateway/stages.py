@@ -159,11 +159,12 @@ class RequestContext:
         await self.stream.send_body(data, end_stream)
         self.bytes_sent += len(data)
 
-    async def send_whole(self, head: ResponseHead, body: bytes) -> None:
-        """A response whose body is all here: in one write when the adapter can."""
+    async def send_whole(self, head: ResponseHead, body: bytes, advertise: bool = True) -> None:
+        """A response whose body is all here: in one write when the adapter can.
+        ``advertise=False``: ``alt-svc`` is in ``head`` already (``write_whole``)."""
         self.status = head.status
         self.response_started = True
-        if ADVERTISED:
+        if ADVERTISED and advertise:
             add_alt_svc(self.head, head)
         send_response = getattr(self.stream, "send_response", None)
         if send_response is not None:
@@ -180,15 +181,19 @@ class RequestContext:
         self.stream.write_raw_response(status, lines, has_length, body)  # type: ignore[attr-defined]
         self.bytes_sent += len(body)
 
-    def write_whole(self, head: ResponseHead, body: bytes) -> None:
+    def write_whole(self, head: ResponseHead, body: bytes) -> bool:
         """``send_whole`` without a coroutine, on a stream that has
-        ``write_response`` (HTTP/1.1; the callback-driven exchange only)."""
-        self.status = head.status
-        self.response_started = True
+        ``write_response`` (the callback-driven exchange only). False when the
+        stream cannot take it all now (an HTTP/2 window): nothing was sent, and
+        ``send_whole(head, body, advertise=False)`` is what sends it."""
         if ADVERTISED:
             add_alt_svc(self.head, head)
-        self.stream.write_response(head, body)  # type: ignore[attr-defined]
+        if not self.stream.write_response(head, body):  # type: ignore[attr-defined]
+            return False
+        self.status = head.status
+        self.response_started = True
         self.bytes_sent += len(body)
+        return True
 
 
 def apply_header_ops(headers: list[tuple[str, str]], ops: HeaderOps) -> list[tuple[str, str]]:
@@ -917,7 +922,8 @@ class _Exchange:
             body = b"" if self.head_only else conn.take_body()
             route = ctx.route
             if (
-                route.response_headers.empty  # type: ignore[union-attr]
+                ctx.stream.raw_lines  # type: ignore[attr-defined]
+                and route.response_headers.empty  # type: ignore[union-attr]
                 and ctx.destination.response_headers.empty  # type: ignore[union-attr]
             ):
                 # No route edits the response head: the upstream's header lines go
@@ -936,7 +942,10 @@ class _Exchange:
         conn.finish()  # first: a pipelined request started by the write can reuse it
         try:
             if raw is None:
-                ctx.write_whole(response, body)
+                if not ctx.write_whole(response, body):
+                    # The client's HTTP/2 window is short: wait for it in a task.
+                    self.resume(ctx, ctx.send_whole(response, body, advertise=False))
+                    return
             else:
                 ctx.write_raw(status, raw[0], raw[1], body)
         except Exception as exc:  # the client went away (StreamReset)

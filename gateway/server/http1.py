@@ -153,6 +153,10 @@ class H1Stream:
         # tunnel. None for every other request.
         self.tunnel: bytearray | None = None
 
+    # The callback-driven exchange may hand an upstream's header lines through as
+    # they are (``write_raw_response``).
+    raw_lines = True
+
     # -- request body (fed by the connection) -------------------------------------
 
     def _feed(self, data: bytes) -> None:
@@ -220,14 +224,15 @@ class H1Stream:
         used by the pipeline when the upstream's body is already complete)."""
         self.write_response(response, body)
 
-    def write_response(self, response: ResponseHead, body: bytes) -> None:
+    def write_response(self, response: ResponseHead, body: bytes) -> bool:
         """``send_response`` without a coroutine, for the callback-driven exchange;
-        an empty ``body`` is a response without one."""
+        an empty ``body`` is a response without one. Always written: True."""
         if not body:
             self.conn.write(self._encode_head(response, True))
             self._complete()
-            return
+            return True
         self._write_whole(self._encode_head(response, False), body)
+        return True
 
     def write_raw_response(self, status: int, lines: bytes, has_length: bool, body: bytes) -> None:
         """``write_response`` for header lines already in wire form (lower-case

@@ -47,7 +47,7 @@ import binascii
 import contextlib
 import logging
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import h2.config
@@ -183,6 +183,7 @@ class H2Stream:
         "_send_waiter",
         "_task",
         "_unacked_bytes",
+        "canceller",
         "head",
         "stream_id",
         "trailers",
@@ -203,6 +204,14 @@ class H2Stream:
         self._read_waiter: asyncio.Future[None] | None = None
         self._send_waiter: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
+        # Set while the pipeline's callback-driven exchange waits on the upstream
+        # with no task of its own: called if the stream dies meanwhile.
+        self.canceller: Callable[[], None] | None = None
+
+    # Read by ``Pipeline.start``: the adapter refuses bad requests itself.
+    rejection = None
+    # The response cannot take an upstream's HTTP/1.1 header lines as they are.
+    raw_lines = False
 
     # -- the DownstreamStream interface ---------------------------------------------
 
@@ -229,6 +238,45 @@ class H2Stream:
 
     def body_complete(self) -> bool:
         return self._remote_ended and not self._chunks
+
+    def run(self, step: Coroutine[Any, Any, None]) -> None:
+        """Run the rest of this request's handling in a task (``Pipeline.start``)."""
+        proto = self._proto
+        self._task = proto._loop.create_task(proto._run(self, step))
+
+    def write_response(self, response: ResponseHead, body: bytes) -> bool:
+        """The whole response now, without a coroutine, when the client's window and
+        the transport let it go in one go; False, having sent nothing, otherwise (the
+        caller then sends it with ``send_response``). For the callback-driven
+        exchange, which has no task: a stream written here is finished here."""
+        proto = self._proto
+        if self._reset_code is not None or proto._write_paused:
+            return False
+        conn = proto._conn
+        stream_id = self.stream_id
+        size = len(body)
+        if size and (
+            size > conn.local_flow_control_window(stream_id) or size > conn.max_outbound_frame_size
+        ):
+            return False
+        try:
+            conn.send_headers(stream_id, _response_headers(response), end_stream=not size)
+            if size:
+                conn.send_data(stream_id, body, end_stream=True)
+                proto._queued(size)
+        except h2.exceptions.StreamClosedError as exc:
+            raise StreamReset(f"stream {stream_id} is closed", self._code()) from exc
+        self._response_started = True
+        self._local_ended = True
+        proto._schedule_flush()
+        proto._finish(self)
+        return True
+
+    async def send_response(self, response: ResponseHead, body: bytes) -> None:
+        """Head and whole body (``RequestContext.send_whole``)."""
+        await self.send_head(response, not body)
+        if body:
+            await self.send_body(body, True)
 
     async def send_head(self, response: ResponseHead, end_stream: bool) -> None:
         """Send response headers (a 1xx may come before the final head)."""
@@ -318,6 +366,14 @@ class H2Stream:
             self._reset_code = error_code
         _wake(self._read_waiter)
         _wake(self._send_waiter)
+        canceller = self.canceller
+        if canceller is not None:
+            # The callback-driven exchange: no task will see the reset, so the
+            # exchange ends here (flag DC, upstream connection closed) and so does
+            # the stream.
+            self.canceller = None
+            canceller()
+            self._proto._finish(self)
 
     async def _wait_window(self) -> None:
         proto = self._proto
@@ -347,6 +403,7 @@ class H2Protocol(asyncio.Protocol):
         peer: str,
     ) -> None:
         self._handler = handler
+        self._fast_start = getattr(handler, "start", None)
         self._settings = settings
         self._port = port
         self._scheme = scheme
@@ -713,11 +770,17 @@ class H2Protocol(asyncio.Protocol):
             self._idle_handle.cancel()
             self._idle_handle = None
         self._streams[stream.stream_id] = stream
-        stream._task = self._loop.create_task(self._run(stream))
+        fast_start = self._fast_start
+        if fast_start is not None and stream._remote_ended:
+            # A request without a body: the pipeline runs it from callbacks and makes
+            # a task only for what must wait (see ``Pipeline.start``).
+            fast_start(stream)
+            return
+        stream._task = self._loop.create_task(self._run(stream, self._handler(stream)))
 
-    async def _run(self, stream: H2Stream) -> None:
+    async def _run(self, stream: H2Stream, step: Coroutine[Any, Any, None]) -> None:
         try:
-            await self._handler(stream)
+            await step
         except StreamReset:
             pass
         except Exception:

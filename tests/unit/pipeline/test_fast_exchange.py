@@ -384,3 +384,192 @@ def test_pipelined_requests_are_answered_in_order() -> None:
         assert [line["path"] for line in gateway.log_lines()[1:]] == [f"/p{i}" for i in range(4)]
 
     run(scenario)
+
+
+# --------------------------------------------------------------------------- HTTP/2
+# The same lane under the HTTP/2 adapter: a stream whose request has ended is started
+# from the HEADERS frame's callback, and must end exactly as its task would have.
+
+
+class H2Client:
+    """A prior-knowledge HTTP/2 client connection (h2's client side, real socket)."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        import h2.config
+        import h2.connection
+
+        self.reader = reader
+        self.writer = writer
+        self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        self.responses: dict[int, dict] = {}
+
+    @classmethod
+    async def connect(cls, port: int, window: int | None = None) -> H2Client:
+        client = cls(*await asyncio.open_connection("127.0.0.1", port))
+        client.conn.initiate_connection()
+        if window is not None:
+            from h2.settings import SettingCodes
+
+            client.conn.update_settings({SettingCodes.INITIAL_WINDOW_SIZE: window})
+        client._flush()
+        return client
+
+    def _flush(self) -> None:
+        self.writer.write(self.conn.data_to_send())
+
+    def send(self, path: str) -> int:
+        stream_id = self.conn.get_next_available_stream_id()
+        headers = [(":method", "GET"), (":path", path), (":scheme", "http")]
+        self.conn.send_headers(stream_id, [*headers, (":authority", "app.test")], end_stream=True)
+        self._flush()
+        self.responses[stream_id] = {"status": None, "body": b"", "ended": False, "reset": None}
+        return stream_id
+
+    def reset(self, stream_id: int) -> None:
+        from h2.errors import ErrorCodes
+
+        self.conn.reset_stream(stream_id, ErrorCodes.CANCEL)
+        self._flush()
+
+    async def until(self, done: Callable[[], bool]) -> None:
+        import h2.events
+
+        while not done():
+            data = await self.reader.read(65536)
+            assert data, "the gateway closed the connection"
+            for event in self.conn.receive_data(data):
+                record = self.responses.get(getattr(event, "stream_id", 0))
+                if isinstance(event, h2.events.ResponseReceived) and record is not None:
+                    record["status"] = int(dict(event.headers)[b":status"])
+                elif isinstance(event, h2.events.DataReceived) and record is not None:
+                    record["body"] += event.data
+                    self.conn.acknowledge_received_data(
+                        event.flow_controlled_length, event.stream_id
+                    )
+                elif isinstance(event, h2.events.StreamEnded) and record is not None:
+                    record["ended"] = True
+                elif isinstance(event, h2.events.StreamReset) and record is not None:
+                    record["reset"] = event.error_code
+            self._flush()
+
+    async def get(self, path: str) -> tuple[int, bytes]:
+        stream_id = self.send(path)
+        record = self.responses[stream_id]
+        await self.until(lambda: record["ended"])
+        return record["status"], record["body"]
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def run_h2(scenario: Scenario) -> None:
+    """``run`` with the gateway's listener speaking HTTP/2 (prior knowledge)."""
+
+    async def start(self: Gateway) -> None:
+        from gateway.server.http2 import H2Protocol
+
+        loop = asyncio.get_running_loop()
+        settings = ServerSettings()
+        self.server = await loop.create_server(
+            lambda: H2Protocol(self.pipeline, settings, 8080, "http", "127.0.0.1"),
+            "127.0.0.1",
+            0,
+        )
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    original = Gateway.start
+    Gateway.start = start  # type: ignore[method-assign]
+    try:
+        run(scenario)
+    finally:
+        Gateway.start = original  # type: ignore[method-assign]
+
+
+def test_h2_streams_on_pooled_connections_are_answered_and_logged() -> None:
+    async def scenario(gateway: Gateway, backend: Backend) -> None:
+        client = await H2Client.connect(gateway.port)
+        assert await client.get("/warm") == (200, b"ok")
+        ids = [client.send(f"/s{index}") for index in range(5)]
+        await client.until(lambda: all(client.responses[i]["ended"] for i in ids))
+        assert [(client.responses[i]["status"], client.responses[i]["body"]) for i in ids] == [
+            (200, b"ok")
+        ] * 5
+        assert await client.get("/last") == (200, b"ok")
+        client.close()
+        lines = gateway.log_lines()
+        assert sorted(line["path"] for line in lines) == sorted(
+            ["/warm", "/last", *(f"/s{i}" for i in range(5))]
+        )
+        assert all((x["status"], x["response_flags"]) == (200, "-") for x in lines)
+
+    run_h2(scenario)
+
+
+def test_h2_stream_reset_while_waiting_is_logged_dc_and_the_connection_serves_on() -> None:
+    async def scenario(gateway: Gateway, backend: Backend) -> None:
+        client = await H2Client.connect(gateway.port)
+        assert await client.get("/warm") == (200, b"ok")
+        log = gateway.pipeline.access_log
+        assert isinstance(log, NotifyingLog)
+        log.written.clear()
+        held = client.send("/hold")
+        await backend.holding.wait()
+        client.reset(held)
+        await log.written.wait()
+        line = gateway.log_lines()[1]
+        assert (line["path"], line["response_flags"]) == ("/hold", "DC")
+        backend.release.set()
+        # The same HTTP/2 connection goes on; the held upstream connection was closed,
+        # so the next request opens another.
+        assert await client.get("/next") == (200, b"ok")
+        client.close()
+        assert backend.connections == 2
+
+    run_h2(scenario)
+
+
+def test_h2_connection_lost_while_waiting_is_logged_dc() -> None:
+    async def scenario(gateway: Gateway, backend: Backend) -> None:
+        client = await H2Client.connect(gateway.port)
+        assert await client.get("/warm") == (200, b"ok")
+        log = gateway.pipeline.access_log
+        assert isinstance(log, NotifyingLog)
+        log.written.clear()
+        client.send("/hold")
+        await backend.holding.wait()
+        client.writer.transport.abort()
+        await log.written.wait()
+        line = gateway.log_lines()[1]
+        assert (line["path"], line["response_flags"]) == ("/hold", "DC")
+        backend.release.set()
+
+    run_h2(scenario)
+
+
+def test_h2_response_larger_than_the_window_waits_for_it() -> None:
+    async def scenario(gateway: Gateway, backend: Backend) -> None:
+        # A one-byte stream window: the two-byte body cannot go at once, so the lane
+        # hands it to a task that sends what the window allows as updates come.
+        client = await H2Client.connect(gateway.port, window=1)
+        assert await client.get("/warm") == (200, b"ok")
+        assert await client.get("/x") == (200, b"ok")
+        client.close()
+        lines = gateway.log_lines()
+        assert [(x["status"], x["bytes_sent"]) for x in lines] == [(200, 2), (200, 2)]
+
+    run_h2(scenario)
+
+
+def test_h2_route_timeout_on_a_pooled_connection_is_504_ut() -> None:
+    async def scenario(gateway: Gateway, backend: Backend) -> None:
+        client = await H2Client.connect(gateway.port)
+        assert await client.get("/warm") == (200, b"ok")
+        status, _ = await client.get("/slow")
+        assert status == 504
+        backend.release.set()
+        assert await client.get("/after") == (200, b"ok")
+        client.close()
+        flags = [(x["path"], x["status"], x["response_flags"]) for x in gateway.log_lines()]
+        assert flags[1:] == [("/slow", 504, "UT"), ("/after", 200, "-")]
+
+    run_h2(scenario)
