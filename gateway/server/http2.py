@@ -61,6 +61,7 @@ from hyperframe.exceptions import HyperframeError
 from hyperframe.frame import GoAwayFrame
 
 from .events import RequestHandler, RequestHead, ResponseHead, StreamReset
+from .h2fields import request_problem, trailers_problem
 from .settings import ServerSettings
 
 __all__ = ["H2Protocol", "H2Stream", "take_over_prior_knowledge", "take_over_upgrade"]
@@ -435,7 +436,8 @@ class H2Protocol(asyncio.Protocol):
         config = h2.config.H2Configuration(
             client_side=False,
             header_encoding=None,
-            validate_inbound_headers=True,
+            # The same checks, in one pass: ``_on_request`` / ``_on_trailers``.
+            validate_inbound_headers=False,
             normalize_inbound_headers=False,
             validate_outbound_headers=False,
             normalize_outbound_headers=False,
@@ -626,6 +628,10 @@ class H2Protocol(asyncio.Protocol):
             with contextlib.suppress(h2.exceptions.StreamClosedError):
                 conn.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
             return
+        problem = request_problem(event.headers)
+        if problem is not None:
+            self._malformed(problem)
+            return
         self._roll_reset_window()
         self._window_streams += 1
 
@@ -727,6 +733,10 @@ class H2Protocol(asyncio.Protocol):
             _wake(stream._read_waiter)
 
     def _on_trailers(self, event: h2.events.TrailersReceived) -> None:
+        problem = trailers_problem(event.headers)
+        if problem is not None:
+            self._malformed(problem)
+            return
         stream = self._streams.get(event.stream_id)
         if stream is not None:
             stream.trailers = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in event.headers]
@@ -932,6 +942,12 @@ class H2Protocol(asyncio.Protocol):
         self._idle_handle = None
         if not self._streams:
             self.close(graceful=True)
+
+    def _malformed(self, problem: str) -> None:
+        """A malformed header block (RFC 9113 §8.1.1): the connection ends with GOAWAY
+        PROTOCOL_ERROR, as it did when h2 made these checks."""
+        logger.debug("HTTP/2 malformed header block from %s: %s", self._peer, problem)
+        self._abort_connection(ErrorCodes.PROTOCOL_ERROR)
 
     def _abort_connection(self, error_code: int, goaway_queued: bool = False) -> None:
         """GOAWAY with ``error_code`` (unless h2 queued one already), then close."""

@@ -17,6 +17,7 @@ import h2.config
 import h2.connection
 import h2.events
 import h2.settings
+import pytest
 from h2.errors import ErrorCodes
 
 from gateway.server.events import RequestHead, ResponseHead, StreamReset
@@ -715,6 +716,45 @@ def test_uppercase_header_name_is_a_protocol_error() -> None:
         (goaway,) = client.of(h2.events.ConnectionTerminated)
         assert goaway.error_code == ErrorCodes.PROTOCOL_ERROR
         assert echo.heads == []
+
+    run(scenario)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        [("x-injected", "a\r\nhost: evil")],  # CR LF in a value
+        [("x-padded", " value")],  # leading whitespace
+        [("connection", "keep-alive")],  # connection-specific
+        [("te", "gzip")],
+        [("host", "other.example")],  # disagrees with :authority
+    ],
+)
+def test_malformed_request_block_is_a_protocol_error(extra: list[tuple[str, str]]) -> None:
+    async def scenario() -> None:
+        client, _, echo = await connect()
+        client.conn.config.validate_outbound_headers = False
+        client.conn.config.normalize_outbound_headers = False
+        client.request("/head", extra=extra)
+        await client.wait_for(lambda: client.transport.closed, "the connection to close")
+        (goaway,) = client.of(h2.events.ConnectionTerminated)
+        assert goaway.error_code == ErrorCodes.PROTOCOL_ERROR
+        assert echo.heads == []  # nothing reached the pipeline
+
+    run(scenario)
+
+
+def test_pseudo_header_in_request_trailers_is_a_protocol_error() -> None:
+    async def scenario() -> None:
+        client, _, _ = await connect()
+        client.conn.config.validate_outbound_headers = False
+        stream_id = client.request("/body", method="POST", end_stream=False)
+        client.conn.send_data(stream_id, b"x")
+        client.conn.send_headers(stream_id, [(":path", "/other")], end_stream=True)
+        client.flush()
+        await client.wait_for(lambda: client.transport.closed, "the connection to close")
+        (goaway,) = client.of(h2.events.ConnectionTerminated)
+        assert goaway.error_code == ErrorCodes.PROTOCOL_ERROR
 
     run(scenario)
 
