@@ -62,6 +62,7 @@ from hyperframe.frame import GoAwayFrame
 
 from .events import RequestHandler, RequestHead, ResponseHead, StreamReset
 from .h2fields import request_problem, trailers_problem
+from .hpackenc import ResponseEncoder
 from .settings import ServerSettings
 
 __all__ = ["H2Protocol", "H2Stream", "take_over_prior_knowledge", "take_over_upgrade"]
@@ -443,6 +444,7 @@ class H2Protocol(asyncio.Protocol):
             normalize_outbound_headers=False,
         )
         conn = _H2Connection(config, max_streams)
+        conn.encoder = ResponseEncoder()  # type: ignore[assignment]  # same HPACK, cheaper
         codes = h2.settings.SettingCodes
         conn.local_settings = _AdvertisedSettings(
             ceiling_streams=max_streams * 2 + 16,
