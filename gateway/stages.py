@@ -181,6 +181,16 @@ class RequestContext:
         self.stream.write_raw_response(status, lines, has_length, body)  # type: ignore[attr-defined]
         self.bytes_sent += len(body)
 
+    def write_fields(self, status: int, fields: list[tuple[bytes, bytes]], body: bytes) -> bool:
+        """``write_whole`` for an HTTP/2 head already in byte fields (``alt-svc``
+        included); False, having sent nothing, when the stream cannot take it now."""
+        if not self.stream.write_fields(status, fields, body):  # type: ignore[attr-defined]
+            return False
+        self.status = status
+        self.response_started = True
+        self.bytes_sent += len(body)
+        return True
+
     def write_whole(self, head: ResponseHead, body: bytes) -> bool:
         """``send_whole`` without a coroutine, on a stream that has
         ``write_response`` (the callback-driven exchange only). False when the
@@ -912,6 +922,7 @@ class _Exchange:
                 self.resume(ctx, _raise(conn.error or UpstreamReset("no response head")))
             return
         raw: tuple[bytes, bool] | None = None
+        fields: list[tuple[bytes, bytes]] | None = None
         try:
             ctx.upstream_ms = (perf_counter() - self.started) * 1000.0
             status = conn.status
@@ -922,18 +933,24 @@ class _Exchange:
             body = b"" if self.head_only else conn.take_body()
             route = ctx.route
             if (
-                ctx.stream.raw_lines  # type: ignore[attr-defined]
-                and route.response_headers.empty  # type: ignore[union-attr]
+                route.response_headers.empty  # type: ignore[union-attr]
                 and ctx.destination.response_headers.empty  # type: ignore[union-attr]
             ):
                 # No route edits the response head: the upstream's header lines go
                 # out as they came, less the hop-by-hop ones, followed by what the
                 # gateway appends (CORS, rate-limit figures, alt-svc), in the order
-                # the general path appends them.
-                raw = _passthrough_lines(conn.headers)
-                if raw is not None and (ctx.cors_headers or ctx.ratelimit_headers or ADVERTISED):
-                    raw = (raw[0] + _appended_lines(ctx, status), raw[1])
-            if raw is None:
+                # the general path appends them; as wire lines for HTTP/1.1, as
+                # byte fields for HTTP/2.
+                appends = bool(ctx.cors_headers or ctx.ratelimit_headers or ADVERTISED)
+                if ctx.stream.raw_lines:  # type: ignore[attr-defined]
+                    raw = _passthrough_lines(conn.headers)
+                    if raw is not None and appends:
+                        raw = (raw[0] + _appended_lines(ctx, status), raw[1])
+                else:
+                    fields = _passthrough_fields(conn.headers)
+                    if fields is not None and appends:
+                        fields += _appended_fields(ctx, status)
+            if raw is None and fields is None:
                 response = ResponseHead(status, self.stage._response_headers(ctx, conn.headers))
         except Exception as exc:  # a bug: the pipeline answers 500 and logs it
             conn.close()
@@ -941,9 +958,15 @@ class _Exchange:
             return
         conn.finish()  # first: a pipelined request started by the write can reuse it
         try:
-            if raw is None:
-                if not ctx.write_whole(response, body):
+            if fields is not None:
+                if not ctx.write_fields(status, fields, body):
                     # The client's HTTP/2 window is short: wait for it in a task.
+                    headers = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in fields]
+                    response = ResponseHead(status, headers)
+                    self.resume(ctx, ctx.send_whole(response, body, advertise=False))
+                    return
+            elif raw is None:
+                if not ctx.write_whole(response, body):
                     self.resume(ctx, ctx.send_whole(response, body, advertise=False))
                     return
             else:
@@ -994,6 +1017,8 @@ def _plan(names: tuple[bytes, ...]) -> _Plan | None:
         return None
     keep = [index for index, name in enumerate(lowered) if name not in _HOP_BYTES]
     kept_names = tuple(lowered[index] for index in keep)
+    if any(name[:1] == b":" for name in kept_names):
+        return None  # not a field an HTTP/2 head may carry: the general path decides
     if len(keep) == 1:
         only = keep[0]
 
@@ -1011,11 +1036,9 @@ def _plan(names: tuple[bytes, ...]) -> _Plan | None:
     return pick, kept_names, b"content-length" in kept_names, connection
 
 
-def _passthrough_lines(raw: list[tuple[bytes, bytes]]) -> tuple[bytes, bool] | None:
-    """The upstream's response header lines for an HTTP/1.1 client, in wire form
-    (lower-case names, hop-by-hop headers dropped), and whether Content-Length is
-    among them; None when the general path must decide (a Connection header that
-    names other headers, say)."""
+def _plan_of(raw: list[tuple[bytes, bytes]]) -> _Plan | None:
+    """How to pass this upstream head through as bytes, or None when the general
+    path must decide (a Connection header that names other headers, say)."""
     names = tuple(map(_FIRST_ITEM, raw))
     plan = _PLANS.get(names, False)
     if plan is False:
@@ -1024,21 +1047,56 @@ def _passthrough_lines(raw: list[tuple[bytes, bytes]]) -> tuple[bytes, bool] | N
             _PLANS[names] = plan
     if plan is None:
         return None
-    pick, kept_names, has_length, connection = plan
+    connection = plan[3]
     if connection >= 0:
         # Connection may name further headers to drop; the usual values do not.
         token = raw[connection][1].lower()
         if token != b"keep-alive" and token != b"close":
             return None
+    return plan
+
+
+def _passthrough_lines(raw: list[tuple[bytes, bytes]]) -> tuple[bytes, bool] | None:
+    """The upstream's response header lines for an HTTP/1.1 client, in wire form
+    (lower-case names, hop-by-hop headers dropped), and whether Content-Length is
+    among them; None when the general path must decide."""
+    plan = _plan_of(raw)
+    if plan is None:
+        return None
+    pick, kept_names, has_length, _ = plan
     if not kept_names:
         return b"", False
     pairs = zip(kept_names, map(_SECOND_ITEM, pick(raw)), strict=True)
     return b"\r\n".join(map(_COLON_JOIN_BYTES, pairs)) + b"\r\n", has_length
 
 
+def _passthrough_fields(raw: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]] | None:
+    """The upstream's response fields for an HTTP/2 client, as bytes (lower-case
+    names, hop-by-hop fields dropped); None when the general path must decide."""
+    plan = _plan_of(raw)
+    if plan is None:
+        return None
+    pick, kept_names, _, _ = plan
+    if not kept_names:
+        return []
+    return list(zip(kept_names, map(_SECOND_ITEM, pick(raw)), strict=True))
+
+
 def _appended_lines(ctx: RequestContext, status: int) -> bytes:
     """The header lines the gateway adds after the upstream's: CORS, the rate-limit
     figures (``finish_response_headers``), then ``alt-svc`` (``add_alt_svc``)."""
+    extra = _appended(ctx, status)
+    if not extra:
+        return b""
+    return f"{_CRLF_JOIN(map(_COLON_JOIN, extra))}\r\n".encode("latin-1")
+
+
+def _appended_fields(ctx: RequestContext, status: int) -> list[tuple[bytes, bytes]]:
+    """``_appended_lines`` as HTTP/2 fields."""
+    return [(n.encode("latin-1"), v.encode("latin-1")) for n, v in _appended(ctx, status)]
+
+
+def _appended(ctx: RequestContext, status: int) -> list[tuple[str, str]]:
     extra: list[tuple[str, str]] = []
     if ctx.cors_headers:
         extra += ctx.cors_headers
@@ -1049,9 +1107,7 @@ def _appended_lines(ctx: RequestContext, status: int) -> bytes:
         value = alt_svc_header(head.port, head.http_version)
         if value is not None:
             extra.append(("alt-svc", value))
-    if not extra:
-        return b""
-    return f"{_CRLF_JOIN(map(_COLON_JOIN, extra))}\r\n".encode("latin-1")
+    return extra
 
 
 async def _raise(error: BaseException) -> None:

@@ -149,6 +149,9 @@ def _wake(waiter: asyncio.Future[None] | None) -> None:
         waiter.set_result(None)
 
 
+_STATUS = {code: str(code).encode("ascii") for code in range(200, 600)}
+
+
 def _response_headers(response: ResponseHead) -> list[tuple[bytes, bytes]]:
     """``:status`` plus the pipeline's headers, lower-cased, connection fields dropped."""
     out = [(b":status", str(response.status).encode("ascii"))]
@@ -251,6 +254,17 @@ class H2Stream:
         the transport let it go in one go; False, having sent nothing, otherwise (the
         caller then sends it with ``send_response``). For the callback-driven
         exchange, which has no task: a stream written here is finished here."""
+        return self._write_now(_response_headers(response), body)
+
+    def write_fields(self, status: int, fields: list[tuple[bytes, bytes]], body: bytes) -> bool:
+        """``write_response`` for a head already in lower-case byte fields, free of
+        connection-specific ones (an upstream's, passed through)."""
+        code = _STATUS.get(status)
+        if code is None:
+            code = str(status).encode("ascii")
+        return self._write_now([(b":status", code), *fields], body)
+
+    def _write_now(self, headers: list[tuple[bytes, bytes]], body: bytes) -> bool:
         proto = self._proto
         if self._reset_code is not None or proto._write_paused:
             return False
@@ -262,7 +276,7 @@ class H2Stream:
         ):
             return False
         try:
-            conn.send_headers(stream_id, _response_headers(response), end_stream=not size)
+            conn.send_headers(stream_id, headers, end_stream=not size)
             if size:
                 conn.send_data(stream_id, body, end_stream=True)
                 proto._queued(size)

@@ -94,3 +94,34 @@ def test_appended_headers_follow_in_the_general_paths_order() -> None:
         assert b"alt-svc: " in expected  # the case is not vacuous
     finally:
         altsvc.withdraw(8443)
+
+
+def _general_h2(raw: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    from gateway.server.events import ResponseHead
+    from gateway.server.http2 import _response_headers
+
+    head = RequestHead(
+        method="GET", path="/", query="", authority="a", scheme="http", headers=[], port=80
+    )
+    ctx = RequestContext(_Stream(head), None, 0.0, 0.0)  # type: ignore[arg-type]
+    headers = UpstreamStage._response_headers(None, ctx, raw)  # type: ignore[arg-type]
+    return _response_headers(ResponseHead(200, headers))[1:]  # less :status
+
+
+@given(st.lists(st.tuples(st.sampled_from(NAMES), st.sampled_from(VALUES)), max_size=10))
+def test_http2_passthrough_matches_the_general_path(raw: list[tuple[bytes, bytes]]) -> None:
+    from gateway.stages import _passthrough_fields
+
+    fast = _passthrough_fields(raw)
+    if fast is not None:
+        assert fast == _general_h2(raw)
+
+
+def test_http2_passthrough_leaves_odd_names_to_the_general_path() -> None:
+    from gateway.stages import _passthrough_fields
+
+    assert _passthrough_fields([(b":status", b"500"), (b"Date", b"d")]) is None
+    assert _general_h2([(b":status", b"500"), (b"Date", b"d")]) == [(b"date", b"d")]
+    assert _passthrough_fields([(b"Server", b"nginx"), (b"Connection", b"close")]) == [
+        (b"server", b"nginx")
+    ]
