@@ -19,6 +19,8 @@ import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import pytest
+
 from gateway.config.load import load_config
 from gateway.pipeline import Pipeline
 from gateway.routing.compile import compile_snapshot
@@ -505,7 +507,8 @@ def test_h2_streams_on_pooled_connections_are_answered_and_logged() -> None:
     run_h2(scenario)
 
 
-def test_h2_stream_reset_while_waiting_is_logged_dc_and_the_connection_serves_on() -> None:
+@pytest.mark.parametrize("how", ["stream reset", "connection lost"])
+def test_h2_client_gone_while_waiting_is_logged_dc(how: str) -> None:
     async def scenario(gateway: Gateway, backend: Backend) -> None:
         client = await H2Client.connect(gateway.port)
         assert await client.get("/warm") == (200, b"ok")
@@ -514,34 +517,20 @@ def test_h2_stream_reset_while_waiting_is_logged_dc_and_the_connection_serves_on
         log.written.clear()
         held = client.send("/hold")
         await backend.holding.wait()
-        client.reset(held)
+        if how == "stream reset":
+            client.reset(held)
+        else:
+            client.writer.transport.abort()
         await log.written.wait()
         line = gateway.log_lines()[1]
         assert (line["path"], line["response_flags"]) == ("/hold", "DC")
         backend.release.set()
-        # The same HTTP/2 connection goes on; the held upstream connection was closed,
-        # so the next request opens another.
-        assert await client.get("/next") == (200, b"ok")
-        client.close()
-        assert backend.connections == 2
-
-    run_h2(scenario)
-
-
-def test_h2_connection_lost_while_waiting_is_logged_dc() -> None:
-    async def scenario(gateway: Gateway, backend: Backend) -> None:
-        client = await H2Client.connect(gateway.port)
-        assert await client.get("/warm") == (200, b"ok")
-        log = gateway.pipeline.access_log
-        assert isinstance(log, NotifyingLog)
-        log.written.clear()
-        client.send("/hold")
-        await backend.holding.wait()
-        client.writer.transport.abort()
-        await log.written.wait()
-        line = gateway.log_lines()[1]
-        assert (line["path"], line["response_flags"]) == ("/hold", "DC")
-        backend.release.set()
+        if how == "stream reset":
+            # The same HTTP/2 connection goes on; the held upstream connection was
+            # closed, so the next request opens another.
+            assert await client.get("/next") == (200, b"ok")
+            client.close()
+            assert backend.connections == 2
 
     run_h2(scenario)
 

@@ -34,12 +34,17 @@ class _Stream:
         self.head = head
 
 
-def _general(raw: list[tuple[bytes, bytes]]) -> tuple[bytes, bool]:
+def _general_headers(raw: list[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
+    """What the general path makes of an upstream head (decode, filter)."""
     head = RequestHead(
         method="GET", path="/", query="", authority="a", scheme="http", headers=[], port=80
     )
     ctx = RequestContext(_Stream(head), None, 0.0, 0.0)  # type: ignore[arg-type]
-    headers = UpstreamStage._response_headers(None, ctx, raw)  # type: ignore[arg-type]
+    return UpstreamStage._response_headers(None, ctx, raw)  # type: ignore[arg-type]
+
+
+def _general(raw: list[tuple[bytes, bytes]]) -> tuple[bytes, bool]:
+    headers = _general_headers(raw)
     lines = "".join(f"{name}: {value}\r\n" for name, value in headers).encode("latin-1")
     return lines, any(name == "content-length" for name, _ in headers)
 
@@ -100,12 +105,7 @@ def _general_h2(raw: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
     from gateway.server.events import ResponseHead
     from gateway.server.http2 import _response_headers
 
-    head = RequestHead(
-        method="GET", path="/", query="", authority="a", scheme="http", headers=[], port=80
-    )
-    ctx = RequestContext(_Stream(head), None, 0.0, 0.0)  # type: ignore[arg-type]
-    headers = UpstreamStage._response_headers(None, ctx, raw)  # type: ignore[arg-type]
-    return _response_headers(ResponseHead(200, headers))[1:]  # less :status
+    return _response_headers(ResponseHead(200, _general_headers(raw)))[1:]  # less :status
 
 
 @given(st.lists(st.tuples(st.sampled_from(NAMES), st.sampled_from(VALUES)), max_size=10))
