@@ -20,29 +20,17 @@ import asyncio
 import contextlib
 import socket
 import struct
-import time
-from dataclasses import dataclass, field
 from time import perf_counter
 from typing import Any
 
 from gateway.errors import GatewayError
 from gateway.routing.table import SNIRoute
-from gateway.server.events import RequestHead
-from gateway.stages import RequestContext
+from gateway.stages import RequestContext, TunnelStream, tunnel_context
 from gateway.upstream.websocket import splice
 
 from .forward import Egress, Held
 
 __all__ = ["PassthroughHandler"]
-
-
-@dataclass
-class _TunnelStream:
-    """Just enough of a downstream stream for a ``RequestContext`` to describe a tunnel."""
-
-    head: RequestHead
-    tunnel: Any = field(default=None)
-    opened: bool = False  # spliced to the upstream, counted as opened
 
 
 class PassthroughHandler:
@@ -62,20 +50,7 @@ class PassthroughHandler:
         except OSError:
             peer = ""
         name = (sni or "").lower()
-        head = RequestHead(
-            method="-",
-            path="-",
-            query="",
-            authority=f"{name}:{port}",
-            scheme="https",
-            headers=[],
-            http_version="-",
-            port=port,
-            peer=peer,
-        )
-        snapshot = self.snapshots.current
-        stream = _TunnelStream(head)
-        ctx = RequestContext(stream, snapshot, perf_counter(), time.time())
+        ctx, stream = tunnel_context(name, port, peer, self.snapshots.current)
         try:
             await self._serve(ctx, stream, conn, name, route)
         except GatewayError as error:
@@ -101,7 +76,7 @@ class PassthroughHandler:
     async def _serve(
         self,
         ctx: RequestContext,
-        stream: _TunnelStream,
+        stream: TunnelStream,
         conn: socket.socket,
         name: str,
         route: SNIRoute | None,

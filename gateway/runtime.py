@@ -244,6 +244,7 @@ async def _serve_worker(
     from .admin import Readiness, serve_admin
     from .pipeline import Pipeline
     from .server.listeners import ListenerSet
+    from .stages import TunnelLog
     from .telemetry import AccessLog
     from .upstream.pool import UpstreamPools
 
@@ -293,6 +294,7 @@ async def _serve_worker(
     )
     listeners = ListenerSet(pipeline, settings, options.address)
     listeners.tcp_metrics = services.tcp_metrics
+    listeners.tunnel_log = TunnelLog(access_log, snapshot_ref)
     if egress_runtime is not None:
         listeners.passthrough = egress_runtime.passthrough(snapshot_ref)
     tls_listeners = [

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from operator import itemgetter
@@ -204,6 +205,57 @@ class RequestContext:
         self.response_started = True
         self.bytes_sent += len(body)
         return True
+
+
+@dataclass
+class TunnelStream:
+    """Just enough of a downstream stream for a ``RequestContext`` to describe a TCP
+    tunnel (TLS passthrough, ingress or egress) in the access log."""
+
+    head: RequestHead
+    tunnel: Any = None
+    opened: bool = False  # spliced to the upstream, counted as opened
+
+
+def tunnel_context(
+    server_name: str, port: int, peer: str, snapshot: Any
+) -> tuple[RequestContext, TunnelStream]:
+    """The context of one passthrough connection: its access-log line has method,
+    path and protocol ``-``, the SNI and port as authority, status 0, the flags,
+    cluster, upstream host and bytes of the connection."""
+    head = RequestHead(
+        method="-",
+        path="-",
+        query="",
+        authority=f"{server_name}:{port}",
+        scheme="https",
+        headers=[],
+        http_version="-",
+        port=port,
+        peer=peer,
+    )
+    stream = TunnelStream(head)
+    return RequestContext(stream, snapshot, perf_counter(), time.time()), stream
+
+
+class TunnelLog:
+    """The access-log lines of the TCP tunnels a listener splices itself (ingress TLS
+    PASSTHROUGH), one per connection, in the access log's own format: the listener
+    holds one (``ListenerSet.tunnel_log``) without depending on the pipeline."""
+
+    def __init__(self, access_log: Any, snapshots: Any) -> None:
+        self.access_log = access_log
+        self.snapshots = snapshots  # anything with ``.current``
+
+    def start(self, server_name: str | None, port: int, peer: str) -> RequestContext:
+        """The context of a connection whose ClientHello has just been read."""
+        return tunnel_context((server_name or "").lower(), port, peer, self.snapshots.current)[0]
+
+    def finish(self, ctx: RequestContext, flag: str = "") -> None:
+        """Write the line: ``flag`` for a connection refused or failed (NR, NC, UF, DC)."""
+        if flag:
+            ctx.add_flag(flag)
+        self.access_log.log(ctx, perf_counter())
 
 
 def apply_header_ops(headers: list[tuple[str, str]], ops: HeaderOps) -> list[tuple[str, str]]:

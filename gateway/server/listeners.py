@@ -116,8 +116,10 @@ class ListenerSet:
     # servers instead of the built-in splice; returns a coroutine (the egress gateway
     # decides by its registry, resolves names and logs the tunnel).
     passthrough: Any = None
-    # Where the built-in splice counts its connections (Istio's TCP metrics).
+    # Where the built-in splice counts its connections (Istio's TCP metrics) and
+    # logs them (``gateway.stages.TunnelLog``: a line per connection).
     tcp_metrics: TcpMetrics | None = None
+    tunnel_log: Any = None
     _idle: asyncio.Event = field(default_factory=asyncio.Event)
     # Runs gateway.memory.release_memory when the last connection has gone.
     sweeper: MemorySweeper = field(default_factory=lambda: SWEEPER)
@@ -286,6 +288,14 @@ class _TLSServer:
             self._pending.add(peek)
             peek.start()
 
+    def _refuse(self, conn: socket.socket, server_name: str | None) -> None:
+        """No server or route for this SNI: closed, and logged with flag NR as Envoy's
+        listener logs ``filter_chain_not_found``."""
+        tunnel_log = self.owner.tunnel_log
+        if tunnel_log is not None:
+            tunnel_log.finish(tunnel_log.start(server_name, self.port, _peer_of(conn)), "NR")
+        conn.close()
+
     def dispatch(self, conn: socket.socket, hello: ClientHello) -> None:
         """Choose the server for this ClientHello and serve the connection."""
         entry = self.port_tls.select(hello.server_name)
@@ -296,7 +306,7 @@ class _TLSServer:
                 self.port,
                 hello.server_name,
             )
-            conn.close()
+            self._refuse(conn, hello.server_name)
             return
         if entry.passthrough:
             route = match_sni_route(self.port_tls.listener.sni_routes, hello.server_name)
@@ -307,9 +317,9 @@ class _TLSServer:
                 return
             if route is None:
                 logger.info("port %d: no tls route for SNI %r", self.port, hello.server_name)
-                conn.close()
+                self._refuse(conn, hello.server_name)
                 return
-            self.owner._spawn(_passthrough(self.owner, conn, route))
+            self.owner._spawn(_passthrough(self.owner, conn, route, hello.server_name, self.port))
             return
         if entry.context is None:
             logger.info("port %d: TLS server not ready (%s)", self.port, entry.error)
@@ -507,15 +517,20 @@ class _IdentifiedHandler:
 _rr = itertools.count()
 
 
-async def _passthrough(owner: ListenerSet, conn: socket.socket, route: SNIRoute) -> None:
+async def _passthrough(
+    owner: ListenerSet, conn: socket.socket, route: SNIRoute, server_name: str | None, port: int
+) -> None:
     """Splice a TLS connection, ClientHello included, to the route's upstream.
 
     Counted in ``owner.tcp_metrics`` as Envoy's TCP proxy flags it: opened once both
     sides are connected, closed with its bytes when both have closed; no cluster
     (``NC``), a failed or timed-out upstream connect (``UF``) or a client gone before
-    it was adopted (``DC``) is opened and closed at once."""
+    it was adopted (``DC``) is opened and closed at once. Each connection gets one
+    access-log line (``owner.tunnel_log``) when it ends, with the same flag."""
     loop = asyncio.get_running_loop()
     metrics = owner.tcp_metrics
+    tunnel_log = owner.tunnel_log
+    ctx = tunnel_log.start(server_name, port, _peer_of(conn)) if tunnel_log else None
     snapshot = owner.snapshot_ref.current if owner.snapshot_ref is not None else None
     pick = route.destinations[0]
     if len(route.destinations) > 1:
@@ -527,12 +542,18 @@ async def _passthrough(owner: ListenerSet, conn: socket.socket, route: SNIRoute)
         conn.close()
         if metrics is not None:
             metrics.refused(pick.cluster, "NC")
+        if ctx is not None:
+            ctx.upstream_cluster = pick.cluster
+            tunnel_log.finish(ctx, "NC")
         return
     if cluster.endpoints:
         endpoint = cluster.endpoints[next(_rr) % len(cluster.endpoints)]
         target = (endpoint.address, endpoint.port)
     else:
         target = (cluster.host, cluster.port)
+    if ctx is not None:
+        ctx.upstream_cluster = cluster.name
+        ctx.upstream_host = f"{target[0]}:{target[1]}"
     downstream = _Splice()
     upstream = _Splice()
     try:
@@ -543,6 +564,8 @@ async def _passthrough(owner: ListenerSet, conn: socket.socket, route: SNIRoute)
         conn.close()
         if metrics is not None:
             metrics.refused(cluster.name, "UF")
+        if ctx is not None:
+            tunnel_log.finish(ctx, "UF")
         return
     try:
         await loop.connect_accepted_socket(lambda: downstream, conn)
@@ -551,12 +574,16 @@ async def _passthrough(owner: ListenerSet, conn: socket.socket, route: SNIRoute)
         conn.close()
         if metrics is not None:
             metrics.refused(cluster.name, "DC")
+        if ctx is not None:
+            tunnel_log.finish(ctx, "DC")
         return
     pair = _SplicePair(downstream, upstream)
     pair.on_close = owner._closed
     if metrics is not None:
         metrics.opened(cluster.name)
         pair.metrics, pair.cluster = metrics, cluster.name
+    if ctx is not None:
+        pair.log, pair.ctx = tunnel_log, ctx
     owner._track(pair)
     downstream.peer, upstream.peer = upstream, downstream
     downstream.pair = upstream.pair = pair
@@ -566,6 +593,13 @@ async def _passthrough(owner: ListenerSet, conn: socket.socket, route: SNIRoute)
         # The upstream hung up before the client's side was adopted: nothing else
         # would end the client's connection.
         downstream.transport.close()
+
+
+def _peer_of(conn: socket.socket) -> str:
+    try:
+        return str(conn.getpeername()[0])
+    except OSError:
+        return ""
 
 
 class _Splice(asyncio.Protocol):
@@ -661,16 +695,23 @@ class _SplicePair:
         self.on_close: Any = None
         self.metrics: TcpMetrics | None = None
         self.cluster = ""
+        self.log: Any = None  # gateway.stages.TunnelLog, and the connection's context
+        self.ctx: Any = None
 
     def side_closed(self) -> None:
         if all(side.closed for side in self.sides):
             on_close, self.on_close = self.on_close, None
             if on_close is not None:
                 on_close(self)
+            downstream, upstream = self.sides
             metrics, self.metrics = self.metrics, None
             if metrics is not None:
-                downstream, upstream = self.sides
                 metrics.closed(self.cluster, "", downstream.received, upstream.received)
+            log, self.log = self.log, None
+            if log is not None:
+                ctx = self.ctx
+                ctx.bytes_received, ctx.bytes_sent = downstream.received, upstream.received
+                log.finish(ctx)
 
     def shutdown(self) -> None:
         # A byte stream has no graceful stop of its own: let it run until the drain

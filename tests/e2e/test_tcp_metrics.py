@@ -284,6 +284,33 @@ def test_ingress_passthrough_connections_are_counted_with_exact_bytes(ingress: S
     assert metric(text, "istio_requests_total") == 0
 
 
+def test_ingress_passthrough_connections_get_an_access_log_line(ingress: Setup) -> None:
+    up, down = exchange(ingress.port, "db.example.com")
+    refused(ingress.port, "down.example.com")  # nothing listens: UF
+    refused(ingress.port, "other.example.com")  # no server for this SNI: NR
+    port = ingress.port
+
+    def line(name: str) -> dict:
+        return ingress.gateway.log_where(lambda r: r["authority"] == f"{name}:{port}")
+
+    spliced = line("db.example.com")
+    assert (spliced["method"], spliced["path"], spliced["protocol"]) == ("-", "-", "-")
+    assert spliced["response_flags"] == "-"
+    assert spliced["upstream_cluster"] == "outbound|443||db.tcp.test"
+    assert spliced["upstream_host"] == f"127.0.0.1:{ingress.backend.port}"
+    # The same bytes the TCP metrics count: the client's (ClientHello included) in,
+    # the backend's out.
+    assert (spliced["bytes_received"], spliced["bytes_sent"]) == (up, down)
+    failed = line("down.example.com")
+    assert (failed["response_flags"], failed["upstream_cluster"]) == (
+        "UF",
+        "outbound|443||down.tcp.test",
+    )
+    assert failed["bytes_received"] == failed["bytes_sent"] == 0
+    unknown = line("other.example.com")
+    assert (unknown["response_flags"], unknown["upstream_cluster"]) == ("NR", "-")
+
+
 def test_ingress_passthrough_upstream_connect_failure_is_counted_uf(ingress: Setup) -> None:
     refused(ingress.port, "down.example.com")
     down = {"destination_service": "down.tcp.test", "response_flags": "UF"}
