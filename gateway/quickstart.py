@@ -7,7 +7,10 @@ static loopback endpoint its ServiceEntries list (named ``<app>-<version>`` from
 endpoint's labels), prints curl commands that show the routes off, and then runs
 ``meshgate run CONFIG_DIR`` in the foreground. Ctrl-C or SIGTERM stops the gateway and
 the backends; the children are also asked (``PR_SET_PDEATHSIG``) to stop if this
-process dies without cleaning up, so no backend outlives it.
+process dies without cleaning up, so no backend outlives it. This process asks the
+same of its own parent: when ``make run`` is ended by a signal to ``make`` alone (a
+supervisor's SIGTERM, ``timeout``), which does not pass it on, the quickstart stops
+and takes its children with it.
 
 Ports are those written in the YAML (gateway 8080, backends 9081/9082). To run beside
 something that already holds them, remap any of them, and the admin port::
@@ -157,7 +160,8 @@ def remap_ports(config_dir: Path, mapping: Mapping[int, int], out_dir: Path) -> 
 
 
 def _die_with_parent() -> None:
-    """Runs in each child between fork and exec: SIGTERM it when we die."""
+    """SIGTERM the calling process when its parent dies (in each child between fork
+    and exec, and in the quickstart itself)."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
@@ -249,6 +253,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
+        if sys.platform.startswith("linux"):
+            parent = os.getppid()
+            _die_with_parent()
+            if os.getppid() != parent:
+                raise _Stop(signal.SIGTERM)  # the parent died before we asked
         backends = find_backends(config_dir)
         for backend in backends:
             argv_backend = [sys.executable, "-m", "gateway.cli", "demo-backend"]

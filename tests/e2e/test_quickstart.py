@@ -8,6 +8,7 @@ process it started outlives it.
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import queue
 import re
@@ -213,6 +214,54 @@ def test_weighted_split_sends_about_ten_percent_to_v2(client: httpx.Client) -> N
     # deviations either side, so a correct split fails here about never, while
     # 0 %, 50 % or an inverted 90 % split fail every time.
     assert 10 <= counts["echo-v2"] <= 75, counts
+
+
+_PARENT = """
+import signal, subprocess, sys
+child = subprocess.Popen(
+    [sys.executable, "-m", "gateway.quickstart", "examples/quickstart/"],
+    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+)
+print(child.pid, flush=True)
+for line in child.stdout:
+    if line.startswith("$ meshgate run "):
+        print("ready", flush=True)
+        break
+signal.pause()  # until the test kills this process, as a signal ends make alone
+"""
+
+
+def test_quickstart_stops_with_its_backends_when_its_parent_dies() -> None:
+    gateway_port, v1, v2, admin_port = _free_ports(4)
+    env = dict(os.environ)
+    env["MESHGATE_QUICKSTART_PORTS"] = f"8080={gateway_port},9081={v1},9082={v2}"
+    env["MESHGATE_QUICKSTART_ADMIN_PORT"] = str(admin_port)
+    parent = subprocess.Popen(
+        [sys.executable, "-c", _PARENT], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert parent.stdout is not None
+        quickstart_pid = int(parent.stdout.readline())
+        assert parent.stdout.readline().strip() == "ready"
+        with httpx.Client(base_url=f"http://127.0.0.1:{gateway_port}") as client:
+            deadline = time.monotonic() + START_TIMEOUT_S
+            while time.monotonic() < deadline:
+                with contextlib.suppress(httpx.TransportError):
+                    if client.get("/healthz").status_code == 200:
+                        break
+                time.sleep(0.05)  # polling a port: there is nothing to block on
+        tree = _process_tree(quickstart_pid)
+        assert len(tree) >= 4, "expected the quickstart, two demo backends and the gateway"
+    finally:
+        parent.kill()
+        parent.wait(10)
+    deadline = time.monotonic() + 20.0
+    while any(map(_alive, tree)) and time.monotonic() < deadline:
+        time.sleep(0.05)  # the kernel reaps asynchronously; bounded poll
+    left = [pid for pid in tree if _alive(pid)]
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left, "processes outlived the quickstart's parent"
 
 
 def test_sigterm_stops_the_gateway_and_the_backends(
