@@ -217,6 +217,8 @@ class H2Stream:
     rejection = None
     # The response cannot take an upstream's HTTP/1.1 header lines as they are.
     raw_lines = False
+    # No Upgrade tunnel over HTTP/2 (``UpstreamStage.start`` asks).
+    tunnel = None
 
     # -- the DownstreamStream interface ---------------------------------------------
 
