@@ -78,6 +78,7 @@ H3_NO_ERROR = 0x100
 H3_INTERNAL_ERROR = 0x102
 H3_REQUEST_REJECTED = 0x10B
 H3_REQUEST_CANCELLED = 0x10C
+H3_MESSAGE_ERROR = 0x10E
 
 # How much request body one stream may have received and not yet handed to the
 # pipeline. The same figure as HTTP/2's stream window.
@@ -254,6 +255,7 @@ class H3Stream:
     __slots__ = (
         "_buffered_bytes",
         "_chunks",
+        "_declared_length",
         "_local_ended",
         "_proto",
         "_read_waiter",
@@ -276,6 +278,8 @@ class H3Stream:
         self._chunks: deque[bytes] = deque()
         self._buffered_bytes = 0  # body received and not yet read by the pipeline
         self._received_bytes = 0
+        # The request's Content-Length, held to as the body arrives (None: none sent).
+        self._declared_length: int | None = None
         self._remote_ended = False
         self._local_ended = False
         self._response_started = False
@@ -667,6 +671,8 @@ class H3Protocol(QuicConnectionProtocol):
             peer=self._peer,
         )
         stream = H3Stream(self, stream_id, head)
+        if content_length is not None and content_length.isdigit():
+            stream._declared_length = int(content_length)
         if event.stream_ended:
             stream._remote_ended = True
         self._streams[stream_id] = stream
@@ -679,6 +685,14 @@ class H3Protocol(QuicConnectionProtocol):
         data = event.data
         if data:
             stream._received_bytes += len(data)
+            declared = stream._declared_length
+            if declared is not None and stream._received_bytes > declared:
+                # More DATA than the Content-Length said (RFC 9114 §4.1.2: malformed).
+                # aioquic checks only once the stream ends, after handing the data
+                # over; a body forwarded with that Content-Length must never carry
+                # the excess to the upstream, where it would read as another request.
+                self._reset_stream(stream, H3_MESSAGE_ERROR)
+                return
             if stream._received_bytes > self._settings.max_request_body_bytes:
                 self._reject_body(stream)
                 return

@@ -410,6 +410,43 @@ def test_body_growing_over_the_limit_gets_413_and_the_pipeline_sees_a_reset(
     run(main())
 
 
+def test_body_longer_than_its_content_length_is_reset_before_the_excess_is_read(
+    ca: Authority,
+) -> None:
+    """aioquic compares the body with Content-Length only when the stream ends; a
+    pipeline forwarding the body upstream with that length must never see more."""
+    got: list[bytes] = []
+    outcome: list[str] = []
+    finished = asyncio.Event()
+
+    async def reader(stream: DownstreamStream) -> None:
+        try:
+            while chunk := await stream.read_body():
+                got.append(chunk)
+            outcome.append("read all")
+        except StreamReset as exc:
+            outcome.append(f"reset {exc.error_code:#x}")
+        finished.set()
+
+    async def lying() -> AsyncIterator[bytes]:
+        yield b"hello"
+        yield b"GET /smuggled HTTP/1.1\r\nhost: upstream\r\n\r\n"
+        await asyncio.Event().wait()  # never ends the stream: aioquic never checks
+
+    async def main() -> None:
+        pair = Pair(reader, [ca.quic_certificate("example.com")], ca.pem)
+        await pair.connect()
+        headers = [("content-length", "5")]
+        task = asyncio.create_task(pair.request("POST", "example.com", "/", headers, lying()))
+        async with asyncio.timeout(TIMEOUT_S):
+            await finished.wait()
+        task.cancel()
+        assert outcome == ["reset 0x10e"]  # H3_MESSAGE_ERROR
+        assert b"".join(got) in (b"", b"hello")
+
+    run(main())
+
+
 def test_client_reset_reaches_the_pipeline_as_stream_reset(ca: Authority) -> None:
     async def main() -> None:
         seen = asyncio.Event()
