@@ -735,8 +735,14 @@ class TrafficForwarder:
             chunked = not no_body and length is None
         else:
             no_body = body.complete and not body.size
-            length = body.size if body.complete else None
-            chunked = not body.complete
+            if body.complete:
+                length = body.size
+            else:
+                # Too big to keep: the rest is streamed, in the framing the client
+                # gave it (its Content-Length when it sent one, as Envoy keeps it).
+                declared = head.header("content-length")
+                length = int(declared) if declared is not None and declared.isdigit() else None
+            chunked = not no_body and length is None
             if no_body and head.header("content-length") is not None:
                 length = 0
         request = _request_head_bytes(head, head.authority, length, chunked)
@@ -750,7 +756,7 @@ class TrafficForwarder:
                         conn.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
                     await conn.drain()
                     if not body.complete:
-                        await self._stream_rest(ctx, conn)
+                        await self._stream_rest(ctx, conn, chunked)
                     elif chunked:
                         conn.write(b"0\r\n\r\n")
                 elif not no_body:
@@ -825,16 +831,19 @@ class TrafficForwarder:
             # way the upstream stream is abandoned; nobody awaits this task.
             h2s.reset()
 
-    async def _stream_rest(self, ctx: RequestContext, conn: UpstreamConnection) -> None:
+    async def _stream_rest(
+        self, ctx: RequestContext, conn: UpstreamConnection, chunked: bool
+    ) -> None:
         stream = ctx.stream
         while True:
             data = await stream.read_body()
             if data:
                 ctx.bytes_received += len(data)
-                conn.write(b"%x\r\n%b\r\n" % (len(data), data))
+                conn.write(b"%x\r\n%b\r\n" % (len(data), data) if chunked else data)
                 await conn.drain()
             if not data or stream.body_complete():
-                conn.write(b"0\r\n\r\n")
+                if chunked:
+                    conn.write(b"0\r\n\r\n")
                 return
 
     async def _respond(self, ctx: RequestContext, state: ClusterState, conn: Any) -> None:

@@ -339,6 +339,11 @@ def test_body_over_the_retry_buffer_is_streamed_once_and_not_retried(gw: Setup) 
     assert response.status_code == 503
     seen = [r for r in gw.flaky.recorder.requests if r["path"] == "/retry/big"]
     assert [len(r["body"]) for r in seen] == [len(body)]
+    # Streamed in the client's framing: its Content-Length, whether the whole body
+    # had arrived when it outgrew the replay buffer or not (never chunked instead).
+    headers = {name.lower(): value for name, value in seen[0]["headers"].items()}
+    assert headers.get("content-length") == str(len(body))
+    assert "transfer-encoding" not in headers
 
 
 def test_retries_exhausted_return_the_last_answer_with_flag_urx(gw: Setup) -> None:
