@@ -38,6 +38,10 @@ _NO_BODY_STATUSES = frozenset({204, 304})
 _CLOSED_PARSER: Any = httptools.HttpResponseParser(object())
 
 
+class _Unsolicited(Exception):
+    """Raised from the parser's callback: stops parsing a response nobody asked for."""
+
+
 class UpstreamConnection(asyncio.Protocol):
     """One TCP connection to an endpoint, carrying one exchange at a time.
 
@@ -59,6 +63,7 @@ class UpstreamConnection(asyncio.Protocol):
         "closed",
         "error",
         "exchanges",
+        "expecting",
         "head_done",
         "head_only",
         "headers",
@@ -82,6 +87,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.parser = httptools.HttpResponseParser(self)
         self.closed = False
         self.exchanges = 0
+        self.expecting = False  # a request is out and its final response not yet in
         self._write_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
         self.chunks: deque[bytes] = deque()
@@ -123,7 +129,10 @@ class UpstreamConnection(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
-            self._fail(UpstreamProtocolError(f"unparsable response: {exc}"))
+            # On _Unsolicited, what the exchange awaited (if anything) is complete.
+            cause = exc.__cause__ or exc.__context__
+            what = "a response nobody asked for" if isinstance(cause, _Unsolicited) else exc
+            self._fail(UpstreamProtocolError(f"unparsable response: {what}"))
             self.close()
         notify = self.notify
         if notify is not None and (self.head_done or self.error is not None):
@@ -167,6 +176,14 @@ class UpstreamConnection(asyncio.Protocol):
 
     # -- httptools callbacks ----------------------------------------------------------
 
+    def on_message_begin(self) -> None:
+        if not self.expecting:
+            # A response nobody asked for: after the one the exchange awaited (in the
+            # same read or later), or on an idle pooled connection. Parsed, it would
+            # be taken for the next request's answer, perhaps another client's
+            # (response desync); the connection is closed instead, as Envoy does.
+            raise _Unsolicited
+
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers.append((name, value))
 
@@ -185,6 +202,7 @@ class UpstreamConnection(asyncio.Protocol):
             # Content-Length bytes that never come. The message ends here, and this
             # connection's parser is replaced before any reuse.
             self.message_done = True
+            self.expecting = False
             self.parser = httptools.HttpResponseParser(self)
         elif not keep_alive and status not in _NO_BODY_STATUSES:
             # llhttp never calls a response keep-alive when its body runs to the
@@ -223,6 +241,7 @@ class UpstreamConnection(asyncio.Protocol):
         if self.head_only:
             return
         self.message_done = True
+        self.expecting = False
         self._wake_body()
 
     # -- exchange API -----------------------------------------------------------------
@@ -230,6 +249,7 @@ class UpstreamConnection(asyncio.Protocol):
     def begin(self, head_only: bool) -> None:
         """Start a new exchange; ``head_only`` for HEAD requests (no response body)."""
         self._reset_exchange(head_only)
+        self.expecting = True
         self.exchanges += 1
 
     def write(self, data: bytes) -> None:

@@ -69,6 +69,7 @@ spec:
 """
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+EXTRA = b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nevil"
 
 
 class Backend:
@@ -79,6 +80,8 @@ class Backend:
         self.connections = 0
         self.release = asyncio.Event()  # lets a held response (/slow, /hold, /stream) go
         self.holding = asyncio.Event()  # set when a /hold request has arrived
+        self.answered = asyncio.Event()  # set by a test once it has its response
+        self.extra_sent = asyncio.Event()  # set when /extra-while-idle sent its extra
         self.server: asyncio.Server | None = None
         self.port = 0
 
@@ -124,6 +127,16 @@ class Backend:
                     for piece in (b"first-", b"second-", b"third"):
                         writer.write(b"%x\r\n%b\r\n" % (len(piece), piece))
                     writer.write(b"0\r\n\r\n")
+                elif path == b"/extra-same-write":
+                    writer.write(OK + EXTRA)  # a second response, unasked for
+                elif path == b"/extra-while-idle":
+                    writer.write(OK)
+                    await writer.drain()
+                    # Once the gateway has had the answer: another one, unasked for.
+                    await self.answered.wait()
+                    writer.write(EXTRA)
+                    await writer.drain()
+                    self.extra_sent.set()
                 elif path == b"/head":
                     writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n")
                 else:
@@ -562,3 +575,28 @@ def test_h2_route_timeout_on_a_pooled_connection_is_504_ut() -> None:
         assert flags[1:] == [("/slow", 504, "UT"), ("/after", 200, "-")]
 
     run_h2(scenario)
+
+
+# --------------------------------------------------------------------------- desync
+
+
+def test_a_response_nobody_asked_for_never_answers_the_next_request() -> None:
+    """An upstream that sends a second response after the one asked for (in the same
+    write, or later on the idle connection) must not have it taken for the answer to
+    the next request, which may be another client's: the connection is closed."""
+
+    async def scenario(gateway: Gateway, backend: Backend) -> None:
+        client = await _warm(gateway)
+        assert (await client.get("/extra-same-write"))[2] == b"ok"
+        assert await client.get("/next") == (200, {"content-length": "2"}, b"ok")
+        assert backend.connections == 2  # the connection that sent it was closed
+
+        assert (await client.get("/extra-while-idle"))[2] == b"ok"
+        backend.answered.set()
+        await backend.extra_sent.wait()
+        assert (await client.get("/next"))[2] == b"ok"
+        client.close()
+        assert backend.connections == 3
+        assert b"evil" not in b"".join(backend.requests)
+
+    run(scenario)
