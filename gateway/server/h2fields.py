@@ -10,6 +10,10 @@ regular-expression scans per field, done in C.
 
 Each returns None for an acceptable block, or a short reason. A malformed request is a
 connection error for meshgate, as it was under h2's checks (GOAWAY PROTOCOL_ERROR).
+
+``target_problem`` goes further than h2, as nghttp2 (Envoy's codec) does: the method,
+path and authority become an HTTP/1.1 request line upstream, so a space or control
+character in them is refused (HTTP/2 and HTTP/3 alike).
 """
 
 from __future__ import annotations
@@ -28,6 +32,12 @@ _CONNECTION_FIELDS = frozenset(
 # The pseudo-header fields a request may carry (§8.3.1; :protocol from RFC 8441).
 _REQUEST_PSEUDO = frozenset((b":method", b":scheme", b":authority", b":path", b":protocol"))
 _COLON = 0x3A
+# What goes into the HTTP/1.1 request line an upstream reads: a method is a token
+# (RFC 9110 §5.6.2); a path or authority has no space, control character or DEL
+# (bytes 0x80-0xff pass, as nghttp2 lets them). h2 does not check these; nghttp2
+# (Envoy's codec) does.
+_BAD_METHOD = re.compile(rb"[^!#$%&'*+\-.^_`|~0-9A-Za-z]").search
+_BAD_TARGET = re.compile(rb"[\x00-\x20\x7f]").search
 
 Fields = list[tuple[bytes, bytes]]
 
@@ -94,6 +104,18 @@ def request_problem(fields: Fields) -> str | None:
         return "neither :authority nor host"
     if authority is not None and host is not None and authority != host:
         return ":authority and host differ"
+    return None
+
+
+def target_problem(method: bytes | None, path: bytes | None, authority: bytes | None) -> str | None:
+    """Why the request line these pseudo-headers make is malformed, or None: the
+    HTTP/2 and HTTP/3 adapters ask before a request goes further."""
+    if method is not None and (not method or _BAD_METHOD(method) is not None):
+        return "invalid :method"
+    if path is not None and _BAD_TARGET(path) is not None:
+        return "invalid :path"
+    if authority is not None and _BAD_TARGET(authority) is not None:
+        return "invalid :authority"
     return None
 
 

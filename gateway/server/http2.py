@@ -61,7 +61,7 @@ from hyperframe.exceptions import HyperframeError
 from hyperframe.frame import GoAwayFrame
 
 from .events import RequestHandler, RequestHead, ResponseHead, StreamReset
-from .h2fields import request_problem, trailers_problem
+from .h2fields import request_problem, target_problem, trailers_problem
 from .hpackenc import ResponseEncoder
 from .settings import ServerSettings
 
@@ -683,6 +683,10 @@ class H2Protocol(asyncio.Protocol):
                 fields.append((name.decode("latin-1"), value.decode("latin-1")))
         if cookies is not None:
             fields.insert(cookie_at, ("cookie", b"; ".join(cookies).decode("latin-1")))
+        problem = target_problem(method, path, authority)
+        if problem is not None:
+            self._malformed(problem)
+            return
 
         if (
             list_bytes > settings.max_request_header_bytes

@@ -55,6 +55,7 @@ from cryptography.hazmat.primitives import serialization
 from ..memory import SWEEPER
 from . import altsvc
 from .events import RequestHandler, RequestHead, ResponseHead, StreamReset
+from .h2fields import target_problem
 from .settings import ServerSettings
 
 __all__ = [
@@ -638,6 +639,10 @@ class H3Protocol(QuicConnectionProtocol):
                 fields.append((name.decode("latin-1"), value.decode("latin-1")))
         if cookies is not None:
             fields.insert(cookie_at, ("cookie", b"; ".join(cookies).decode("latin-1")))
+        if target_problem(method, path, authority) is not None:
+            # Malformed (RFC 9114 §4.1.2): a stream error; nothing reaches the pipeline.
+            self._refuse(stream_id, H3_MESSAGE_ERROR)
+            return
 
         if (
             section_bytes > settings.max_request_header_bytes

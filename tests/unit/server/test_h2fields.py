@@ -13,7 +13,7 @@ from h2.utilities import HeaderValidationFlags, validate_headers
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.server.h2fields import request_problem, trailers_problem
+from gateway.server.h2fields import request_problem, target_problem, trailers_problem
 
 Fields = list[tuple[bytes, bytes]]
 
@@ -117,3 +117,24 @@ def test_trailers_refuse_pseudo_headers_and_bad_values() -> None:
     assert trailers_problem([(b"grpc-status", b"0")]) is None
     assert trailers_problem([(b":path", b"/")]) == "pseudo-header b':path' in trailers"
     assert trailers_problem([(b"x", b"a\nb")]) == "invalid value of field b'x'"
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "authority", "reason"),
+    [
+        (b"GET", b"/a?b=c&d=%20", b"example.com:443", None),
+        (b"M-SEARCH", b"/caf\xc3\xa9", b"[::1]:8443", None),  # raw UTF-8 passes
+        (b"CONNECT", None, b"db.example.com:5432", None),
+        (b"GET /x", b"/", b"a", "invalid :method"),
+        (b"", b"/", b"a", "invalid :method"),
+        (b"GET", b"/a b", b"a", "invalid :path"),
+        (b"GET", b"/a\x7f", b"a", "invalid :path"),
+        (b"GET", b"/a\tb", b"a", "invalid :path"),
+        (b"GET", b"/", b"a b", "invalid :authority"),
+        (b"GET", b"/", b"a\x01", "invalid :authority"),
+    ],
+)
+def test_request_line_parts_are_what_an_http11_request_line_can_carry(
+    method: bytes, path: bytes | None, authority: bytes, reason: str | None
+) -> None:
+    assert target_problem(method, path, authority) == reason

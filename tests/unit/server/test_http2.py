@@ -744,6 +744,18 @@ def test_malformed_request_block_is_a_protocol_error(extra: list[tuple[str, str]
     run(scenario)
 
 
+def test_space_in_the_path_is_a_protocol_error() -> None:
+    async def scenario() -> None:
+        client, _, echo = await connect()
+        client.request("/a HTTP/1.1")  # would end up in the upstream's request line
+        await client.wait_for(lambda: client.transport.closed, "the connection to close")
+        (goaway,) = client.of(h2.events.ConnectionTerminated)
+        assert goaway.error_code == ErrorCodes.PROTOCOL_ERROR
+        assert echo.heads == []
+
+    run(scenario)
+
+
 def test_pseudo_header_in_request_trailers_is_a_protocol_error() -> None:
     async def scenario() -> None:
         client, _, _ = await connect()

@@ -447,6 +447,24 @@ def test_body_longer_than_its_content_length_is_reset_before_the_excess_is_read(
     run(main())
 
 
+def test_space_in_the_path_resets_the_stream_before_the_pipeline(ca: Authority) -> None:
+    seen: list[str] = []
+
+    async def handler(stream: DownstreamStream) -> None:
+        seen.append(stream.head.path)
+        await echo(stream)
+
+    async def main() -> None:
+        pair = Pair(handler, [ca.quic_certificate("example.com")], ca.pem)
+        await pair.connect()
+        response = await pair.request("GET", "example.com", "/a HTTP/1.1")
+        assert response.reset_code == 0x10E  # H3_MESSAGE_ERROR
+        assert (await pair.request("GET", "example.com", "/fine")).status == 200
+        assert seen == ["/fine"]
+
+    run(main())
+
+
 def test_client_reset_reaches_the_pipeline_as_stream_reset(ca: Authority) -> None:
     async def main() -> None:
         seen = asyncio.Event()
