@@ -653,7 +653,7 @@ class H2Protocol(asyncio.Protocol):
         self._roll_reset_window()
         self._window_streams += 1
 
-        method = path = authority = scheme = None
+        method = path = authority = scheme = host = None
         content_length: bytes | None = None
         fields: list[tuple[str, str]] = []
         cookies: list[bytes] | None = None
@@ -671,6 +671,11 @@ class H2Protocol(asyncio.Protocol):
                     authority = value
                 elif name == b":scheme":
                     scheme = value
+            elif name == b"host":
+                # Becomes the request's authority when :authority is absent; never
+                # forwarded as a field of its own (the upstream head has one Host,
+                # written from the authority, as for HTTP/1.1 clients).
+                host = value
             elif name == b"cookie":
                 # RFC 9113 §8.2.3: crumbs are joined with "; " before going further.
                 if cookies is None:
@@ -707,7 +712,7 @@ class H2Protocol(asyncio.Protocol):
         if authority is not None:
             authority_text = authority.decode("latin-1")
         else:
-            authority_text = next((v for n, v in fields if n == "host"), "")
+            authority_text = host.decode("latin-1") if host is not None else ""
         head = RequestHead(
             method=method.decode("latin-1") if method is not None else "",
             path=path_only,

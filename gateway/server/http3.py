@@ -609,7 +609,8 @@ class H3Protocol(QuicConnectionProtocol):
             return
 
         settings = self._settings
-        method = path = authority = scheme = None
+        method = path = authority = scheme = host = None
+        host_count = 1
         content_length: bytes | None = None
         fields: list[tuple[str, str]] = []
         cookies: list[bytes] | None = None
@@ -627,6 +628,13 @@ class H3Protocol(QuicConnectionProtocol):
                     authority = value
                 elif name == b":scheme":
                     scheme = value
+            elif name == b"host":
+                # Becomes the request's authority when :authority is absent; never
+                # forwarded as a field of its own (the upstream head has one Host,
+                # written from the authority, as for HTTP/1.1 clients).
+                if host is not None:
+                    host_count = 2
+                host = value
             elif name == b"cookie":
                 # RFC 9114 §4.2.1: crumbs are joined with "; " for HTTP/1.1 upstreams.
                 if cookies is None:
@@ -639,7 +647,10 @@ class H3Protocol(QuicConnectionProtocol):
                 fields.append((name.decode("latin-1"), value.decode("latin-1")))
         if cookies is not None:
             fields.insert(cookie_at, ("cookie", b"; ".join(cookies).decode("latin-1")))
-        if target_problem(method, path, authority) is not None:
+        if target_problem(method, path, authority) is not None or (
+            # RFC 9114 §4.3.1: both present, they must agree (and Host only once).
+            host is not None and (host_count > 1 or (authority is not None and authority != host))
+        ):
             # Malformed (RFC 9114 §4.1.2): a stream error; nothing reaches the pipeline.
             self._refuse(stream_id, H3_MESSAGE_ERROR)
             return
@@ -663,7 +674,7 @@ class H3Protocol(QuicConnectionProtocol):
         if authority is not None:
             authority_text = authority.decode("latin-1")
         else:
-            authority_text = next((v for n, v in fields if n == "host"), "")
+            authority_text = host.decode("latin-1") if host is not None else ""
         head = RequestHead(
             method=method.decode("latin-1") if method is not None else "",
             path=path_only,

@@ -744,6 +744,21 @@ def test_malformed_request_block_is_a_protocol_error(extra: list[tuple[str, str]
     run(scenario)
 
 
+def test_host_field_is_the_authority_and_is_not_passed_on_as_a_header() -> None:
+    async def scenario() -> None:
+        client, _, echo = await connect()
+        client.request("/a", extra=[("host", "example.com")])  # same as :authority
+        client.request("/b", authority=None, extra=[("host", "other.example")])
+        await client.wait_for(lambda: len(echo.heads) == 2, "both requests")
+        by_path = {head.path: head for head in echo.heads}
+        assert by_path["/a"].authority == "example.com"
+        assert by_path["/b"].authority == "other.example"
+        # The upstream head gets one Host, written from the authority.
+        assert all(name != "host" for head in echo.heads for name, _ in head.headers)
+
+    run(scenario)
+
+
 def test_space_in_the_path_is_a_protocol_error() -> None:
     async def scenario() -> None:
         client, _, echo = await connect()

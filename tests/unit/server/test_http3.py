@@ -465,6 +465,26 @@ def test_space_in_the_path_resets_the_stream_before_the_pipeline(ca: Authority) 
     run(main())
 
 
+def test_host_must_agree_with_authority_and_is_not_passed_on(ca: Authority) -> None:
+    seen: list[RequestHead] = []
+
+    async def handler(stream: DownstreamStream) -> None:
+        seen.append(stream.head)
+        await echo(stream)
+
+    async def main() -> None:
+        pair = Pair(handler, [ca.quic_certificate("example.com")], ca.pem)
+        await pair.connect()
+        same = await pair.request("GET", "example.com", "/same", [("host", "example.com")])
+        assert same.status == 200
+        other = await pair.request("GET", "example.com", "/other", [("host", "evil.example")])
+        assert other.reset_code == 0x10E  # RFC 9114 §4.3.1: malformed
+        assert [head.path for head in seen] == ["/same"]
+        assert all(name != "host" for name, _ in seen[0].headers)
+
+    run(main())
+
+
 def test_client_reset_reaches_the_pipeline_as_stream_reset(ca: Authority) -> None:
     async def main() -> None:
         seen = asyncio.Event()
