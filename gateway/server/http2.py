@@ -18,6 +18,9 @@ What this module does:
   stream beyond), header list size and count (431), body size (413), idle time;
 - protection against rapid reset (CVE-2023-44487): a client that resets too many
   unanswered streams is sent GOAWAY ENHANCE_YOUR_CALM;
+- refusals (a malformed block, 431, 413) reach the pipeline only as a stream whose
+  ``rejection`` is set, so they are answered, logged and counted like any request; a
+  malformed block then ends the connection (GOAWAY PROTOCOL_ERROR);
 - graceful shutdown (``close(graceful=True)``): GOAWAY, then open streams finish.
 
 What it leaves to others: routing, header rewriting and error pages (the pipeline),
@@ -28,10 +31,10 @@ h2 configuration, chosen for the hot path:
 
 - ``header_encoding=None``: header blocks stay ``bytes``; we decode them once, as
   latin-1, while building the ``RequestHead``.
-- ``validate_inbound_headers=True``: kept on although it is the costliest part of
-  h2's header handling. At the edge it is what rejects upper-case names, control
-  characters, connection-specific fields and bad pseudo-headers before they can be
-  forwarded into an HTTP/1.1 upstream (request smuggling).
+- ``validate_inbound_headers=False``: the same RFC 9113 checks (upper-case names,
+  control characters, connection-specific fields, bad pseudo-headers: what must never
+  be forwarded into an HTTP/1.1 upstream) are made in one pass by ``h2fields``,
+  cheaper than h2's chain of generators.
 - ``normalize_inbound_headers=False``: its only job is joining cookie crumbs, which
   we do in the same pass that builds the head.
 - ``validate_outbound_headers=False``, ``normalize_outbound_headers=False``: the
@@ -60,6 +63,7 @@ from hpack import Decoder
 from hyperframe.exceptions import HyperframeError
 from hyperframe.frame import GoAwayFrame
 
+from ..errors import BadRequest, BodyTooLarge, GatewayError, HeadersTooLarge
 from .events import RequestHandler, RequestHead, ResponseHead, StreamReset
 from .h2fields import request_problem, target_problem, trailers_problem
 from .hpackenc import ResponseEncoder
@@ -149,6 +153,8 @@ def _wake(waiter: asyncio.Future[None] | None) -> None:
         waiter.set_result(None)
 
 
+_LOGGED_PSEUDO = frozenset((b":method", b":path", b":authority"))
+
 _STATUS = {code: str(code).encode("ascii") for code in range(200, 600)}
 
 
@@ -177,6 +183,7 @@ class H2Stream:
     cuts the response into frames that fit the peer's window and max frame size."""
 
     __slots__ = (
+        "_body_error",
         "_chunks",
         "_local_ended",
         "_proto",
@@ -190,6 +197,7 @@ class H2Stream:
         "_unacked_bytes",
         "canceller",
         "head",
+        "rejection",
         "stream_id",
         "trailers",
     )
@@ -197,6 +205,11 @@ class H2Stream:
     def __init__(self, proto: H2Protocol, stream_id: int, head: RequestHead) -> None:
         self.head = head
         self.stream_id = stream_id
+        # Read by ``Pipeline.start``: a request the adapter refuses is still handed
+        # over, so that it is answered, logged (flag DPE) and counted like any other.
+        self.rejection: GatewayError | None = None
+        # Raised by ``read_body`` once the body broke a rule midway (too large).
+        self._body_error: GatewayError | None = None
         self.trailers: list[tuple[str, str]] | None = None  # request trailers, if any
         self._proto = proto
         self._chunks: deque[tuple[bytes, int]] = deque()  # (data, flow-controlled length)
@@ -213,8 +226,6 @@ class H2Stream:
         # with no task of its own: called if the stream dies meanwhile.
         self.canceller: Callable[[], None] | None = None
 
-    # Read by ``Pipeline.start``: the adapter refuses bad requests itself.
-    rejection = None
     # The response cannot take an upstream's HTTP/1.1 header lines as they are.
     raw_lines = False
     # No Upgrade tunnel over HTTP/2 (``UpstreamStage.start`` asks).
@@ -229,6 +240,8 @@ class H2Stream:
         while True:
             if self._reset_code is not None:
                 raise StreamReset(f"stream {self.stream_id} was reset", self._reset_code)
+            if self._body_error is not None:
+                raise self._body_error
             if self._chunks:
                 data, flow_bytes = self._chunks.popleft()
                 self._unacked_bytes -= flow_bytes
@@ -436,6 +449,9 @@ class H2Protocol(asyncio.Protocol):
         self._queued_bytes = 0
         self._closed = False  # the transport is closed or closing
         self._going_away = False  # GOAWAY sent or received: no new streams
+        # The stream whose header block was malformed: once its 400 is out, the
+        # connection ends (GOAWAY PROTOCOL_ERROR); nothing after it is read.
+        self._fatal_stream: H2Stream | None = None
         self._last_stream_id = 0
         self._idle_handle: asyncio.TimerHandle | None = None
         self._closed_future: asyncio.Future[None] | None = None
@@ -494,7 +510,7 @@ class H2Protocol(asyncio.Protocol):
         self._flush()
 
     def data_received(self, data: bytes) -> None:
-        if self._closed:
+        if self._closed or self._fatal_stream is not None:
             return
         try:
             events = self._conn.receive_data(data)
@@ -511,6 +527,8 @@ class H2Protocol(asyncio.Protocol):
                 handle(event)
                 if self._closed:
                     return
+                if self._fatal_stream is not None:
+                    break  # nothing after a malformed block is trusted
         self._flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -648,7 +666,7 @@ class H2Protocol(asyncio.Protocol):
             return
         problem = request_problem(event.headers)
         if problem is not None:
-            self._malformed(problem)
+            self._malformed(stream_id, event.headers, problem)
             return
         self._roll_reset_window()
         self._window_streams += 1
@@ -690,22 +708,22 @@ class H2Protocol(asyncio.Protocol):
             fields.insert(cookie_at, ("cookie", b"; ".join(cookies).decode("latin-1")))
         problem = target_problem(method, path, authority)
         if problem is not None:
-            self._malformed(problem)
+            self._malformed(stream_id, event.headers, problem)
             return
 
+        rejection: GatewayError | None = None
         if (
             list_bytes > settings.max_request_header_bytes
             or len(fields) > settings.max_request_headers
         ):
-            self._respond_locally(stream_id, 431, b"request header fields too large\n")
-            return
-        if (
+            rejection = HeadersTooLarge(f"{len(fields)} fields, {list_bytes} bytes")
+            fields = []
+        elif (
             content_length is not None
             and content_length.isdigit()
             and int(content_length) > settings.max_request_body_bytes
         ):
-            self._respond_locally(stream_id, 413, b"request body too large\n")
-            return
+            rejection = BodyTooLarge(f"content-length {int(content_length)}")
 
         raw_path = path.decode("latin-1") if path is not None else ""
         path_only, _, query = raw_path.partition("?")
@@ -727,14 +745,17 @@ class H2Protocol(asyncio.Protocol):
         stream = H2Stream(self, stream_id, head)
         if event.stream_ended:
             stream._remote_ended = True
+        if rejection is not None:
+            # Answered 431/413 by the pipeline; whatever body follows is dropped.
+            stream.rejection = stream._body_error = rejection
         self._dispatch(stream)
 
     def _on_data(self, event: h2.events.DataReceived) -> None:
         flow_bytes = event.flow_controlled_length
         stream = self._streams.get(event.stream_id)
-        if stream is None or stream._reset_code is not None:
-            # Nobody will read it (refused, answered or aborted stream): hand the
-            # connection window back at once.
+        if stream is None or stream._reset_code is not None or stream._body_error is not None:
+            # Nobody will read it (refused, answered, aborted or over the body limit):
+            # hand the connection window back at once.
             if flow_bytes:
                 self._conn.acknowledge_received_data(flow_bytes, event.stream_id)
             return
@@ -761,10 +782,21 @@ class H2Protocol(asyncio.Protocol):
 
     def _on_trailers(self, event: h2.events.TrailersReceived) -> None:
         problem = trailers_problem(event.headers)
-        if problem is not None:
-            self._malformed(problem)
-            return
         stream = self._streams.get(event.stream_id)
+        if problem is not None:
+            logger.debug("HTTP/2 malformed trailers from %s: %s", self._peer, problem)
+            if stream is None or stream._reset_code is not None:
+                self._abort_connection(ErrorCodes.PROTOCOL_ERROR)
+                return
+            # The request was malformed after all: its pipeline's next read raises
+            # BadRequest (400, flag DPE, if no response has begun), then the
+            # connection ends as for a malformed request block.
+            if stream._body_error is None:
+                stream._body_error = BadRequest(problem)
+            self._release_window(stream)
+            self._stop_reading_after(stream)
+            _wake(stream._read_waiter)
+            return
         if stream is not None:
             stream.trailers = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in event.headers]
 
@@ -834,6 +866,11 @@ class H2Protocol(asyncio.Protocol):
             self._finish(stream)
 
     def _finish(self, stream: H2Stream) -> None:
+        if stream is self._fatal_stream:
+            # Its 400 is queued: the connection ends after it (``_malformed``).
+            self._streams.pop(stream.stream_id, None)
+            self._abort_connection(ErrorCodes.PROTOCOL_ERROR)
+            return
         self._streams.pop(stream.stream_id, None)
         self._window_blocked.discard(stream)
         if not self._closed:
@@ -870,14 +907,15 @@ class H2Protocol(asyncio.Protocol):
         stream._abort(error_code)
 
     def _reject_body(self, stream: H2Stream) -> None:
-        """The body went over ``max_request_body_bytes``: answer 413 if the response has
-        not begun, otherwise reset; either way the pipeline's next call raises."""
+        """The body went over ``max_request_body_bytes``: the pipeline's next read
+        raises ``BodyTooLarge``, which it answers 413 (flag DPE) if its response has
+        not begun; a response under way is reset instead. The rest of the body is
+        dropped, its window handed back."""
         if stream._response_started or stream._local_ended:
             self._reset_stream(stream, ErrorCodes.CANCEL)
         else:
-            self._respond_locally(stream.stream_id, 413, b"request body too large\n")
-            stream._local_ended = True
-            stream._abort(ErrorCodes.NO_ERROR)
+            stream._body_error = BodyTooLarge(f"body over {self._settings.max_request_body_bytes}")
+            _wake(stream._read_waiter)
         self._release_window(stream)
 
     def _respond_locally(self, stream_id: int, status: int, body: bytes) -> None:
@@ -970,11 +1008,44 @@ class H2Protocol(asyncio.Protocol):
         if not self._streams:
             self.close(graceful=True)
 
-    def _malformed(self, problem: str) -> None:
-        """A malformed header block (RFC 9113 §8.1.1): the connection ends with GOAWAY
-        PROTOCOL_ERROR, as it did when h2 made these checks."""
+    def _malformed(self, stream_id: int, headers: list[tuple[bytes, bytes]], problem: str) -> None:
+        """A malformed header block (RFC 9113 §8.1.1). Nothing of it reaches a route or
+        an upstream: the pipeline answers the stream 400 and logs it (flag DPE), as
+        RFC 9113 lets a server do, then the connection ends with GOAWAY
+        PROTOCOL_ERROR (``_finish``), as Envoy ends it by default. Nothing after the
+        block is read."""
         logger.debug("HTTP/2 malformed header block from %s: %s", self._peer, problem)
-        self._abort_connection(ErrorCodes.PROTOCOL_ERROR)
+        stream = H2Stream(self, stream_id, self._logged_head(headers))
+        stream.rejection = BadRequest(problem)
+        stream._remote_ended = True  # no body of it is read
+        self._stop_reading_after(stream)
+        self._dispatch(stream)
+
+    def _stop_reading_after(self, stream: H2Stream) -> None:
+        """Read nothing more; end the connection once ``stream`` has been answered."""
+        self._fatal_stream = stream
+        if self._transport is not None:
+            self._transport.pause_reading()
+
+    def _logged_head(self, headers: list[tuple[bytes, bytes]]) -> RequestHead:
+        """What the access log shows of a malformed request: its pseudo-header fields
+        as far as they go (the log escapes them); no other field is kept."""
+        pseudo: dict[bytes, str] = {}
+        for name, value in headers:
+            if name in _LOGGED_PSEUDO and name not in pseudo:
+                pseudo[name] = value.decode("latin-1")
+        path, _, query = pseudo.get(b":path", "-").partition("?")
+        return RequestHead(
+            method=pseudo.get(b":method", "-"),
+            path=path,
+            query=query,
+            authority=pseudo.get(b":authority", ""),
+            scheme=self._scheme,
+            headers=[],
+            http_version="2",
+            port=self._port,
+            peer=self._peer,
+        )
 
     def _abort_connection(self, error_code: int, goaway_queued: bool = False) -> None:
         """GOAWAY with ``error_code`` (unless h2 queued one already), then close."""

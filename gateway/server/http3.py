@@ -14,7 +14,9 @@ What this module does:
   body waits while more than ``write_buffer_high_bytes`` of it is unacknowledged;
 - the limits of ``ServerSettings``: concurrent streams (QUIC's MAX_STREAMS credit),
   header section size (advertised as SETTINGS_MAX_FIELD_SECTION_SIZE) and count
-  (431), body size (413), idle time (QUIC's idle timeout);
+  (431), body size (413), idle time (QUIC's idle timeout); a refused or malformed
+  request reaches the pipeline only as a stream whose ``rejection`` is set, to be
+  answered, logged and counted like any other;
 - the certificate by SNI when several Gateway servers share the port;
 - graceful shutdown: GOAWAY on the control stream, streams already received finish,
   later ones are refused with H3_REQUEST_REJECTED;
@@ -52,6 +54,7 @@ from aioquic.tls import AlertHandshakeFailure, pull_client_hello
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from ..errors import BadRequest, BodyTooLarge, GatewayError, HeadersTooLarge
 from ..memory import SWEEPER
 from . import altsvc
 from .events import RequestHandler, RequestHead, ResponseHead, StreamReset
@@ -254,6 +257,7 @@ class H3Stream:
     response data with aioquic and then waits while too much of it is unacknowledged."""
 
     __slots__ = (
+        "_body_error",
         "_buffered_bytes",
         "_chunks",
         "_declared_length",
@@ -265,8 +269,10 @@ class H3Stream:
         "_reset_code",
         "_response_started",
         "_send_waiter",
+        "_stop_code",
         "_task",
         "head",
+        "rejection",
         "stream_id",
         "trailers",
     )
@@ -274,6 +280,13 @@ class H3Stream:
     def __init__(self, proto: H3Protocol, stream_id: int, head: RequestHead) -> None:
         self.head = head
         self.stream_id = stream_id
+        # A request the adapter refuses is still handed to the pipeline, so that it
+        # is answered, logged (flag DPE) and counted like any other.
+        self.rejection: GatewayError | None = None
+        # Raised by ``read_body`` once the body broke a rule midway.
+        self._body_error: GatewayError | None = None
+        # STOP_SENDING code for a request body still coming after the response.
+        self._stop_code = H3_NO_ERROR
         self.trailers: list[tuple[str, str]] | None = None
         self._proto = proto
         self._chunks: deque[bytes] = deque()
@@ -296,6 +309,8 @@ class H3Stream:
         while True:
             if self._reset_code is not None:
                 raise StreamReset(f"stream {self.stream_id} was reset", self._reset_code)
+            if self._body_error is not None:
+                raise self._body_error
             if self._chunks:
                 data = self._chunks.popleft()
                 self._buffered_bytes -= len(data)
@@ -647,27 +662,32 @@ class H3Protocol(QuicConnectionProtocol):
                 fields.append((name.decode("latin-1"), value.decode("latin-1")))
         if cookies is not None:
             fields.insert(cookie_at, ("cookie", b"; ".join(cookies).decode("latin-1")))
-        if target_problem(method, path, authority) is not None or (
+        rejection: GatewayError | None = None
+        problem = target_problem(method, path, authority)
+        if problem is None and host is not None:
             # RFC 9114 §4.3.1: both present, they must agree (and Host only once).
-            host is not None and (host_count > 1 or (authority is not None and authority != host))
-        ):
-            # Malformed (RFC 9114 §4.1.2): a stream error; nothing reaches the pipeline.
-            self._refuse(stream_id, H3_MESSAGE_ERROR)
-            return
-
-        if (
+            if host_count > 1:
+                problem = "more than one host field"
+            elif authority is not None and authority != host:
+                problem = "host and :authority differ"
+        if problem is not None:
+            # Malformed (RFC 9114 §4.1.2): no route, no upstream; the pipeline answers
+            # 400 (as §4.1.2 allows) and logs it, and the rest of the request is
+            # refused with H3_MESSAGE_ERROR. No field but the pseudo-headers is kept.
+            rejection = BadRequest(problem)
+            fields = []
+        elif (
             section_bytes > settings.max_request_header_bytes
             or len(fields) > settings.max_request_headers
         ):
-            self._respond_locally(stream_id, 431, b"request header fields too large\n")
-            return
-        if (
+            rejection = HeadersTooLarge(f"{len(fields)} fields, {section_bytes} bytes")
+            fields = []
+        elif (
             content_length is not None
             and content_length.isdigit()
             and int(content_length) > settings.max_request_body_bytes
         ):
-            self._respond_locally(stream_id, 413, b"request body too large\n")
-            return
+            rejection = BodyTooLarge(f"content-length {int(content_length)}")
 
         raw_path = path.decode("latin-1") if path is not None else ""
         path_only, _, query = raw_path.partition("?")
@@ -691,13 +711,17 @@ class H3Protocol(QuicConnectionProtocol):
             stream._declared_length = int(content_length)
         if event.stream_ended:
             stream._remote_ended = True
+        if rejection is not None:
+            stream.rejection = stream._body_error = rejection
+            if isinstance(rejection, BadRequest):
+                stream._stop_code = H3_MESSAGE_ERROR
         self._streams[stream_id] = stream
         stream._task = self._loop.create_task(self._run(stream))
 
     def _on_data(self, event: DataReceived) -> None:
         stream = self._streams.get(event.stream_id)
-        if stream is None or stream._reset_code is not None:
-            return  # answered locally or aborted: nobody reads it
+        if stream is None or stream._reset_code is not None or stream._body_error is not None:
+            return  # refused, answered or aborted: nobody reads it
         data = event.data
         if data:
             stream._received_bytes += len(data)
@@ -707,7 +731,7 @@ class H3Protocol(QuicConnectionProtocol):
                 # aioquic checks only once the stream ends, after handing the data
                 # over; a body forwarded with that Content-Length must never carry
                 # the excess to the upstream, where it would read as another request.
-                self._reset_stream(stream, H3_MESSAGE_ERROR)
+                self._fail_body(stream, BadRequest("body longer than content-length"))
                 return
             if stream._received_bytes > self._settings.max_request_body_bytes:
                 self._reject_body(stream)
@@ -751,8 +775,9 @@ class H3Protocol(QuicConnectionProtocol):
                     self._reset_stream(stream, H3_INTERNAL_ERROR)
                 elif not stream._remote_ended:
                     # RFC 9114 §4.1: after a complete response the server may ask the
-                    # client to stop sending the rest of the request, without error.
-                    self._stop_receiving(stream.stream_id, H3_NO_ERROR)
+                    # client to stop sending the rest of the request (without error,
+                    # unless the request was malformed).
+                    self._stop_receiving(stream.stream_id, stream._stop_code)
             self._transmit_soon()
 
     def _reset_stream(self, stream: H3Stream, error_code: int) -> None:
@@ -775,14 +800,24 @@ class H3Protocol(QuicConnectionProtocol):
         self._transmit_soon()
 
     def _reject_body(self, stream: H3Stream) -> None:
-        """The body grew past ``max_request_body_bytes``: 413 if nothing has been sent
-        yet, a reset otherwise; either way the pipeline's next call raises."""
+        """The body grew past ``max_request_body_bytes``."""
+        limit = self._settings.max_request_body_bytes
+        self._fail_body(stream, BodyTooLarge(f"body over {limit}"))
+
+    def _fail_body(self, stream: H3Stream, error: GatewayError) -> None:
+        """The body broke a rule midway: the pipeline's next read raises ``error``,
+        which it answers (and logs) if its response has not begun; a response under
+        way is reset instead. The rest of the body is refused."""
+        malformed = isinstance(error, BadRequest)
         if stream._response_started or stream._local_ended:
-            self._reset_stream(stream, H3_REQUEST_CANCELLED)
+            self._reset_stream(stream, H3_MESSAGE_ERROR if malformed else H3_REQUEST_CANCELLED)
             return
-        self._respond_locally(stream.stream_id, 413, b"request body too large\n")
-        stream._local_ended = True
-        stream._abort(H3_NO_ERROR)
+        stream._body_error = error
+        if malformed:
+            stream._stop_code = H3_MESSAGE_ERROR
+        stream._chunks.clear()
+        stream._buffered_bytes = 0
+        _wake(stream._read_waiter)
 
     def _respond_locally(self, stream_id: int, status: int, body: bytes) -> None:
         """A short plain-text answer from the adapter itself; the rest of the request

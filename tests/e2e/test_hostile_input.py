@@ -286,3 +286,49 @@ def test_http2_refused_stream_the_client_already_reset_keeps_the_connection(gw: 
                 elif isinstance(event, h2.events.ConnectionTerminated):
                     pytest.fail(f"connection closed: {event}")
     assert answered == set(slow)
+
+
+@pytest.mark.parametrize(
+    ("case", "status"), [("malformed", 400), ("header-431", 431), ("declared-413", 413)]
+)
+def test_http2_refusals_are_answered_logged_with_dpe_and_never_forwarded(
+    gw: Setup, case: str, status: int
+) -> None:
+    path = f"/h2-refused-{case}-{uuid.uuid4().hex}"
+    headers = _headers(path)
+    end_stream = True
+    sock, conn = _h2_connect(gw.port)
+    if case == "malformed":
+        # Leading whitespace in a value (RFC 9113 §8.2.1), past the client's checks.
+        conn.config.validate_outbound_headers = False
+        conn.config.normalize_outbound_headers = False
+        headers.append(("x-padded", " value"))
+    elif case == "header-431":
+        headers.append(("x-big", "v" * 5000))  # the gateway runs with a 4096-byte limit
+    else:
+        headers.append(("content-length", str(2**30 + 1)))  # over the 1 GiB default
+        end_stream = False
+    with sock:
+        conn.send_headers(1, headers, end_stream=end_stream)
+        sock.sendall(conn.data_to_send())
+        answer: int | None = None
+        ended = terminated = None
+        deadline = time.monotonic() + 15
+        while not (ended and (terminated or case != "malformed")) and time.monotonic() < deadline:
+            for event in _h2_events(sock, conn):
+                if isinstance(event, h2.events.ResponseReceived):
+                    answer = int(dict(event.headers)[b":status"])
+                elif isinstance(event, h2.events.StreamEnded):
+                    ended = event
+                elif isinstance(event, h2.events.ConnectionTerminated):
+                    terminated = event
+                    ended = ended or event
+    assert answer == status
+    if case == "malformed":
+        # Answered, then the connection ends as Envoy ends it by default.
+        assert terminated is not None
+        assert terminated.error_code == h2.errors.ErrorCodes.PROTOCOL_ERROR
+    line = gw.gateway.log_where(lambda r: r.get("path") == path)
+    assert (line["status"], line["response_flags"], line["protocol"]) == (status, "DPE", "HTTP/2")
+    assert line["upstream_host"] == "-"
+    gw.assert_never_forwarded(path)

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -49,16 +50,36 @@ BIG_BYTES = 16 * 1024 * 1024
 class Process:
     """A child process whose stderr is read line by line on a thread."""
 
-    def __init__(self, args: list[str]) -> None:
+    def __init__(self, args: list[str], access_log: bool = False) -> None:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "gateway.cli", *args],
-            stdout=subprocess.DEVNULL,
+            stdout=subprocess.PIPE if access_log else subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
         )
         self.lines: queue.Queue[str] = queue.Queue()
         self.output: list[str] = []
+        self.access: queue.Queue[dict[str, object]] = queue.Queue()
         threading.Thread(target=self._drain, daemon=True).start()
+        if access_log:
+            threading.Thread(target=self._drain_access, daemon=True).start()
+
+    def _drain_access(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.access.put(json.loads(line))
+
+    def access_line(self, path: str) -> dict[str, object]:
+        """The access-log line of the request for ``path`` (waits for it)."""
+        deadline = time.monotonic() + REQUEST_TIMEOUT_S
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                record = self.access.get(timeout=left)
+            except queue.Empty:
+                break
+            if record.get("path") == path:
+                return record
+        raise AssertionError(f"no access-log line for {path!r}")
 
     def _drain(self) -> None:
         assert self.process.stderr is not None
@@ -230,7 +251,8 @@ class Gateway:
             CONFIG.format(v1=v1_port, v2=v2_port, port=self.port, certs=tmp)
         )
         self.gateway = Process(
-            ["run", str(config_dir), "--admin-port", str(free_tcp_udp_port()), *extra]
+            ["run", str(config_dir), "--admin-port", str(free_tcp_udp_port()), *extra],
+            access_log=True,
         )
         self.gateway.wait_for_line("serving HTTP on")
         self.base = f"https://127.0.0.1:{self.port}"
@@ -331,6 +353,24 @@ def test_same_request_matrix_routes_identically_over_http1_http2_and_http3(
     assert statuses == [200, 200, 200, 200, 200, 403, 301, 404, 200, 200]
     served_by = [summary[1] for summary in over["3"]]
     assert served_by[2] == "v2" and served_by[3] == "v1" and served_by[4] == "v2"
+
+
+@pytest.mark.parametrize(
+    ("path", "headers"),
+    [
+        ("/api/a b", {}),  # a space would end up in the upstream's request line
+        ("/api/host", {"host": "evil.example"}),  # RFC 9114 §4.3.1: must match :authority
+    ],
+)
+def test_malformed_http3_request_is_answered_400_logged_dpe_and_not_forwarded(
+    gateway: Gateway, path: str, headers: dict[str, str]
+) -> None:
+    path = f"{path}-{uuid.uuid4().hex}"
+    (response,) = _h3(gateway, ("GET", path, headers, b""))
+    assert response.status == 400
+    line = gateway.gateway.access_line(path)
+    assert (line["status"], line["response_flags"], line["protocol"]) == (400, "DPE", "HTTP/3")
+    assert (line["route"], line["upstream_host"]) == ("-", "-")
 
 
 def test_tcp_responses_advertise_the_quic_port_and_http3_ones_do_not(gateway: Gateway) -> None:

@@ -20,6 +20,7 @@ import h2.settings
 import pytest
 from h2.errors import ErrorCodes
 
+from gateway.errors import BadRequest, BodyTooLarge, GatewayError, HeadersTooLarge, respond_to
 from gateway.server.events import RequestHead, ResponseHead, StreamReset
 from gateway.server.http2 import (
     CONNECTION_WINDOW_BYTES,
@@ -225,6 +226,7 @@ class Echo:
         self.running = 0
         self.resets: list[StreamReset] = []
         self.finished: list[str] = []
+        self.refused: list[GatewayError] = []
         # Tests wait on handler state through the transport's change futures.
         self.on_change: Callable[[], None] = lambda: None
 
@@ -235,7 +237,16 @@ class Echo:
         self.started.set()
         self.on_change()
         try:
-            await self._serve(stream)
+            # As the pipeline does: a request the adapter refused, or whose body broke
+            # a limit before any response, is answered with the error's status.
+            rejection = stream.rejection
+            if rejection is not None:
+                await self._refuse(stream, rejection)
+            else:
+                try:
+                    await self._serve(stream)
+                except GatewayError as error:
+                    await self._refuse(stream, error)
             self.finished.append(stream.head.path)
         except StreamReset as exc:
             self.resets.append(exc)
@@ -245,6 +256,12 @@ class Echo:
             if self.running == 0:
                 self.idle.set()
             self.on_change()
+
+    async def _refuse(self, stream: Any, error: GatewayError) -> None:
+        head, body = respond_to(error)
+        self.refused.append(error)
+        await stream.send_head(head, end_stream=False)
+        await stream.send_body(body, end_stream=True)
 
     async def _serve(self, stream: Any) -> None:
         head: RequestHead = stream.head
@@ -584,7 +601,10 @@ def test_header_list_over_the_limit_gets_431_and_connection_survives() -> None:
         big = client.request("/head", extra=[("x-big", "v" * 5000)])
         await client.wait_for(lambda: client.ended(big), "the 431")
         assert client.status(big) == 431
-        assert echo.heads == []
+        # The pipeline is handed the refusal (to answer, log and count it) and never
+        # the request: no route, no upstream.
+        assert [type(e) for e in echo.refused] == [HeadersTooLarge]
+        assert echo.finished == ["/head"] and echo.heads[0].headers == []
         ok = client.request("/head")
         await client.wait_for(lambda: client.ended(ok), "a later request")
         assert client.status(ok) == 200
@@ -623,7 +643,11 @@ def test_declared_body_over_the_limit_gets_413_before_the_pipeline() -> None:
         )
         await client.wait_for(lambda: client.ended(sid), "the 413")
         assert client.status(sid) == 413
-        assert echo.heads == []
+        assert [type(e) for e in echo.refused] == [BodyTooLarge]
+        # The rest of the body is not wanted: RST_STREAM NO_ERROR (RFC 9113 §8.1).
+        await client.wait_for(lambda: client.of(h2.events.StreamReset), "the reset")
+        (reset,) = client.of(h2.events.StreamReset)
+        assert (reset.stream_id, reset.error_code) == (sid, ErrorCodes.NO_ERROR)
 
     run(scenario)
 
@@ -636,7 +660,10 @@ def test_streamed_body_over_the_limit_gets_413_and_the_pipeline_is_stopped() -> 
         client.flush()
         await client.wait_for(lambda: client.ended(sid), "the 413")
         assert client.status(sid) == 413
-        await client.wait_for(lambda: len(echo.resets) == 1, "the pipeline to be stopped")
+        # The pipeline's read raised BodyTooLarge, which it answered itself (so the
+        # access log has the 413 with flag DPE); the stream was then closed.
+        assert [type(e) for e in echo.refused] == [BodyTooLarge]
+        assert echo.finished == ["/read"]
         ok = client.request("/head")
         await client.wait_for(lambda: client.ended(ok), "a later request")
         assert client.status(ok) == 200
@@ -705,17 +732,31 @@ def test_protocol_error_sends_goaway_and_closes() -> None:
     run(scenario)
 
 
+async def refused_then_goaway(
+    client: Client, echo: Echo, sid: int, pseudo_only: bool = True
+) -> None:
+    """A malformed request: the pipeline is handed it only to refuse it (400, so that
+    the access log has it with flag DPE), then the connection ends with GOAWAY
+    PROTOCOL_ERROR. No field of the block but the pseudo-headers is kept."""
+    await client.wait_for(lambda: client.transport.closed, "the connection to close")
+    assert client.status(sid) == 400
+    assert client.ended(sid)
+    (goaway,) = client.of(h2.events.ConnectionTerminated)
+    assert goaway.error_code == ErrorCodes.PROTOCOL_ERROR
+    assert [type(e) for e in echo.refused] == [BadRequest]
+    assert len(echo.heads) == 1
+    if pseudo_only:
+        assert echo.heads[0].headers == []
+
+
 def test_uppercase_header_name_is_a_protocol_error() -> None:
     async def scenario() -> None:
         client, _, echo = await connect()
         # Bypass the client's own validation to put an illegal name on the wire.
         client.conn.config.validate_outbound_headers = False
         client.conn.config.normalize_outbound_headers = False
-        client.request("/head", extra=[("X-Upper", "1")])
-        await client.wait_for(lambda: client.transport.closed, "the connection to close")
-        (goaway,) = client.of(h2.events.ConnectionTerminated)
-        assert goaway.error_code == ErrorCodes.PROTOCOL_ERROR
-        assert echo.heads == []
+        sid = client.request("/head", extra=[("X-Upper", "1")])
+        await refused_then_goaway(client, echo, sid)
 
     run(scenario)
 
@@ -735,11 +776,8 @@ def test_malformed_request_block_is_a_protocol_error(extra: list[tuple[str, str]
         client, _, echo = await connect()
         client.conn.config.validate_outbound_headers = False
         client.conn.config.normalize_outbound_headers = False
-        client.request("/head", extra=extra)
-        await client.wait_for(lambda: client.transport.closed, "the connection to close")
-        (goaway,) = client.of(h2.events.ConnectionTerminated)
-        assert goaway.error_code == ErrorCodes.PROTOCOL_ERROR
-        assert echo.heads == []  # nothing reached the pipeline
+        sid = client.request("/head", extra=extra)
+        await refused_then_goaway(client, echo, sid)
 
     run(scenario)
 
@@ -762,26 +800,23 @@ def test_host_field_is_the_authority_and_is_not_passed_on_as_a_header() -> None:
 def test_space_in_the_path_is_a_protocol_error() -> None:
     async def scenario() -> None:
         client, _, echo = await connect()
-        client.request("/a HTTP/1.1")  # would end up in the upstream's request line
-        await client.wait_for(lambda: client.transport.closed, "the connection to close")
-        (goaway,) = client.of(h2.events.ConnectionTerminated)
-        assert goaway.error_code == ErrorCodes.PROTOCOL_ERROR
-        assert echo.heads == []
+        sid = client.request("/a HTTP/1.1")  # would end up in the upstream's request line
+        await refused_then_goaway(client, echo, sid)
+        assert echo.heads[0].path == "/a HTTP/1.1"  # as the access log shows it
 
     run(scenario)
 
 
 def test_pseudo_header_in_request_trailers_is_a_protocol_error() -> None:
     async def scenario() -> None:
-        client, _, _ = await connect()
+        client, _, echo = await connect()
         client.conn.config.validate_outbound_headers = False
-        stream_id = client.request("/body", method="POST", end_stream=False)
+        stream_id = client.request("/read", method="POST", end_stream=False)
         client.conn.send_data(stream_id, b"x")
         client.conn.send_headers(stream_id, [(":path", "/other")], end_stream=True)
         client.flush()
-        await client.wait_for(lambda: client.transport.closed, "the connection to close")
-        (goaway,) = client.of(h2.events.ConnectionTerminated)
-        assert goaway.error_code == ErrorCodes.PROTOCOL_ERROR
+        # The pipeline reading the body is told the request was malformed.
+        await refused_then_goaway(client, echo, stream_id, pseudo_only=False)
 
     run(scenario)
 

@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from gateway.errors import BadRequest, BodyTooLarge, GatewayError, respond_to
 from gateway.server import altsvc
 from gateway.server.events import DownstreamStream, RequestHead, ResponseHead, StreamReset
 from gateway.server.h3client import H3Client, H3Response, client_configuration
@@ -195,12 +196,28 @@ def run(coro: Awaitable[None]) -> None:
     asyncio.run(bounded())
 
 
+async def refuse(stream: DownstreamStream, error: GatewayError) -> None:
+    """What the pipeline does with a request the adapter refused, or whose body
+    broke a rule before any response: answer with the error's status."""
+    head, body = respond_to(error)
+    await stream.send_head(head, False)
+    await stream.send_body(body, True)
+
+
 async def echo(stream: DownstreamStream) -> None:
     """Reads the whole body, answers with what it saw as JSON."""
+    rejection = getattr(stream, "rejection", None)
+    if rejection is not None:
+        await refuse(stream, rejection)
+        return
     digest = hashlib.sha256()
     size = 0
     while True:
-        chunk = await stream.read_body()
+        try:
+            chunk = await stream.read_body()
+        except GatewayError as error:
+            await refuse(stream, error)
+            return
         if not chunk:
             break
         digest.update(chunk)
@@ -363,11 +380,11 @@ def test_too_many_headers_get_431_and_the_connection_stays_up(ca: Authority) -> 
     run(main())
 
 
-def test_declared_body_over_the_limit_gets_413_before_the_pipeline(ca: Authority) -> None:
-    calls: list[str] = []
+def test_declared_body_over_the_limit_is_refused_413_before_any_body(ca: Authority) -> None:
+    calls: list[tuple[str, Any]] = []
 
     async def counting(stream: DownstreamStream) -> None:
-        calls.append(stream.head.path)
+        calls.append((stream.head.path, type(getattr(stream, "rejection", None))))
         await echo(stream)
 
     async def main() -> None:
@@ -378,12 +395,13 @@ def test_declared_body_over_the_limit_gets_413_before_the_pipeline(ca: Authority
             "POST", "example.com", "/declared", [("content-length", "5000")], b"x" * 5000
         )
         assert response.status == 413
-        assert calls == []
+        # Handed to the pipeline only to be answered and logged, as a refusal.
+        assert calls == [("/declared", BodyTooLarge)]
 
     run(main())
 
 
-def test_body_growing_over_the_limit_gets_413_and_the_pipeline_sees_a_reset(
+def test_body_growing_over_the_limit_is_refused_413_through_the_pipeline(
     ca: Authority,
 ) -> None:
     outcome: list[str] = []
@@ -393,8 +411,9 @@ def test_body_growing_over_the_limit_gets_413_and_the_pipeline_sees_a_reset(
             while await stream.read_body():
                 pass
             outcome.append("read all")
-        except StreamReset:
-            outcome.append("reset")
+        except GatewayError as error:
+            outcome.append(type(error).__name__)
+            await refuse(stream, error)
 
     async def main() -> None:
         settings = ServerSettings(max_request_body_bytes=100_000)
@@ -405,7 +424,7 @@ def test_body_growing_over_the_limit_gets_413_and_the_pipeline_sees_a_reset(
         async with asyncio.timeout(TIMEOUT_S):
             while not outcome:
                 await pair.to_client.watch(lambda: bool(outcome)).wait()
-        assert outcome == ["reset"]
+        assert outcome == ["BodyTooLarge"]
 
     run(main())
 
@@ -424,8 +443,9 @@ def test_body_longer_than_its_content_length_is_reset_before_the_excess_is_read(
             while chunk := await stream.read_body():
                 got.append(chunk)
             outcome.append("read all")
-        except StreamReset as exc:
-            outcome.append(f"reset {exc.error_code:#x}")
+        except BadRequest:
+            outcome.append("malformed")
+            await refuse(stream, BadRequest())
         finished.set()
 
     async def lying() -> AsyncIterator[bytes]:
@@ -441,26 +461,27 @@ def test_body_longer_than_its_content_length_is_reset_before_the_excess_is_read(
         async with asyncio.timeout(TIMEOUT_S):
             await finished.wait()
         task.cancel()
-        assert outcome == ["reset 0x10e"]  # H3_MESSAGE_ERROR
+        assert outcome == ["malformed"]  # and answered 400
         assert b"".join(got) in (b"", b"hello")
 
     run(main())
 
 
-def test_space_in_the_path_resets_the_stream_before_the_pipeline(ca: Authority) -> None:
-    seen: list[str] = []
+def test_space_in_the_path_is_refused_400_before_routing(ca: Authority) -> None:
+    seen: list[tuple[str, Any]] = []
 
     async def handler(stream: DownstreamStream) -> None:
-        seen.append(stream.head.path)
+        seen.append((stream.head.path, type(getattr(stream, "rejection", None))))
         await echo(stream)
 
     async def main() -> None:
         pair = Pair(handler, [ca.quic_certificate("example.com")], ca.pem)
         await pair.connect()
         response = await pair.request("GET", "example.com", "/a HTTP/1.1")
-        assert response.reset_code == 0x10E  # H3_MESSAGE_ERROR
+        assert response.status == 400  # RFC 9114 §4.1.2 lets a server answer first
         assert (await pair.request("GET", "example.com", "/fine")).status == 200
-        assert seen == ["/fine"]
+        # The malformed one reached the pipeline only as a refusal (to be logged).
+        assert seen == [("/a HTTP/1.1", BadRequest), ("/fine", type(None))]
 
     run(main())
 
@@ -478,9 +499,10 @@ def test_host_must_agree_with_authority_and_is_not_passed_on(ca: Authority) -> N
         same = await pair.request("GET", "example.com", "/same", [("host", "example.com")])
         assert same.status == 200
         other = await pair.request("GET", "example.com", "/other", [("host", "evil.example")])
-        assert other.reset_code == 0x10E  # RFC 9114 §4.3.1: malformed
-        assert [head.path for head in seen] == ["/same"]
+        assert other.status == 400  # RFC 9114 §4.3.1: malformed
+        assert [head.path for head in seen] == ["/same", "/other"]
         assert all(name != "host" for name, _ in seen[0].headers)
+        assert seen[1].headers == []  # a malformed block keeps no field but pseudo ones
 
     run(main())
 
