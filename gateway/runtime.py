@@ -343,7 +343,7 @@ async def _serve_worker(
         if http3 is None and not wanted:
             return []
         if http3 is None:
-            from .server.http3 import HTTP3Listeners
+            from .server.quicports import HTTP3Listeners
 
             http3 = HTTP3Listeners(pipeline, settings, options.address)
         for port in list(http3.listeners):
@@ -391,10 +391,10 @@ async def _serve_worker(
     if listeners.certificates is not None:
         listeners.certificates.start(options.cert_poll_s)
     # HTTP/3 on the UDP side of each HTTPS port; alt-svc only once that port is bound.
-    # aioquic and the adapter are about 7 MB of every worker's memory, so they are
-    # loaded only when there is an HTTPS port to serve HTTP/3 on.
+    # aioquic, the adapter and cryptography (about 13 MB of a worker's memory) load
+    # with the first QUIC datagram (gateway.server.quicports).
     if any(listener.protocol.upper() == "HTTPS" for listener in tls_listeners):
-        from .server.http3 import start_http3
+        from .server.quicports import start_http3
 
         http3 = await start_http3(
             pipeline,

@@ -59,12 +59,12 @@ from ..memory import SWEEPER
 from . import altsvc
 from .events import RequestHandler, RequestHead, ResponseHead, StreamReset
 from .h2fields import target_problem
+from .quicports import widen_socket_buffers
 from .settings import ServerSettings
 
 __all__ = [
     "H3Protocol",
     "H3Stream",
-    "HTTP3Listeners",
     "QuicCertificate",
     "QuicListener",
     "choose_certificate",
@@ -72,7 +72,6 @@ __all__ = [
     "quic_certificate_from_pem",
     "quic_configuration",
     "serve_quic",
-    "start_http3",
 ]
 
 logger = logging.getLogger(__name__)
@@ -91,8 +90,6 @@ STREAM_WINDOW_BYTES = 256 * 1024
 # per-stream windows above are what bound memory (streams x window).
 CONNECTION_WINDOW_BYTES = 1024 * 1024
 
-# Receive and send buffer asked for on the UDP socket (see _widen_socket_buffers).
-UDP_SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
 # How long a QUIC listener stays without connections before the worker collects the
 # ended ones' memory (``QuicListener._closed``).
 SWEEP_AFTER_S = 0.5
@@ -940,6 +937,14 @@ class QuicListener:
     def _quiet(self) -> bool:
         return not self.connections and not self._stopped
 
+    def attach(self, transport: asyncio.DatagramTransport) -> None:
+        """Serve on a socket bound already (``gateway.server.quicports``): from now on
+        its datagrams go to this listener's QUIC server."""
+        server = QuicServer(configuration=self.configuration, create_protocol=self._create_protocol)
+        server.connection_made(transport)
+        transport.set_protocol(server)
+        self.server = server
+
     def update_certificates(self, certificates: Sequence[QuicCertificate]) -> None:
         """New connections use these (a certificate rotated on disk); open ones keep theirs."""
         if not certificates:
@@ -976,18 +981,6 @@ class QuicListener:
             self.server.close()
 
 
-def _widen_socket_buffers(transport: asyncio.BaseTransport) -> None:
-    """One UDP socket takes every client's datagrams; at the default receive buffer
-    (about 200 KiB) a burst from many connections overflows it, and each drop costs a
-    QUIC loss-recovery timeout. The kernel caps the value at net.core.rmem_max."""
-    sock = transport.get_extra_info("socket")
-    if sock is None:
-        return
-    for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, option, UDP_SOCKET_BUFFER_BYTES)
-
-
 async def serve_quic(
     address: str,
     port: int,
@@ -1016,169 +1009,10 @@ async def serve_quic(
         reuse_port=True,
     )
     listener.server = server
-    _widen_socket_buffers(transport)
+    widen_socket_buffers(transport)
     # Port 0 (tests): requests must carry the real port, and alt-svc name it.
     listener.port = transport.get_extra_info("sockname")[1]
     if advertise:
         listener._advertised = True
         altsvc.advertise(listener.port)
     return listener
-
-
-class HTTP3Listeners:
-    """The QUIC side of every HTTPS listener of one worker, fed from the TLS side's
-    certificate store so both protocols present the same certificates.
-
-    For each HTTPS port: the servers ``gateway.config.quic.http3_exclusion`` lets
-    through are served over HTTP/3; the port is advertised with ``alt-svc`` only when
-    all of its servers are (a client told about HTTP/3 for one host of a port would
-    try it for every host there). ``start`` returns one line per port that is not
-    advertised, for the log. Certificate rotations picked up by the store reach new
-    QUIC connections on the next ``refresh`` (called on the store's polling period)."""
-
-    def __init__(self, handler: RequestHandler, settings: ServerSettings, address: str) -> None:
-        self.handler = handler
-        self.settings = settings
-        self.address = address
-        self.listeners: dict[int, QuicListener] = {}
-        self._generations: dict[int, tuple[int, ...]] = {}
-        self._servable: dict[int, set[tuple[str, ...]]] = {}  # host sets served over QUIC
-        self._store: Any = None
-        self._task: asyncio.Task[None] | None = None
-
-    async def start(self, tls_listeners: Sequence[Any], store: Any) -> list[str]:
-        """Bind UDP for each HTTPS listener; OSError when a port cannot be bound."""
-        from ..config.quic import http3_exclusion
-
-        self._store = store
-        notes: list[str] = []
-        for listener in tls_listeners:
-            if listener.protocol.upper() != "HTTPS":
-                continue
-            servers = listener.tls_servers
-            servable = [
-                s
-                for s in servers
-                if http3_exclusion("HTTPS", s.mode, s.max_protocol_version) is None
-            ]
-            wanted = {tuple(s.hosts) for s in servable}
-            certificates, generations = self._certificates(listener.port, wanted)
-            if not certificates:
-                notes.append(f"port {listener.port}: no server can be offered over HTTP/3")
-                continue
-            advertise = len(certificates) == len(servers)
-            if not advertise:
-                notes.append(
-                    f"port {listener.port}: HTTP/3 serves {len(certificates)} of "
-                    f"{len(servers)} servers; not advertised with alt-svc"
-                )
-            self.listeners[listener.port] = await serve_quic(
-                self.address,
-                listener.port,
-                certificates,
-                self.handler,
-                self.settings,
-                advertise=advertise,
-            )
-            self._generations[listener.port] = generations
-            self._servable[listener.port] = wanted
-        return notes
-
-    def _certificates(
-        self, port: int, wanted: set[tuple[str, ...]]
-    ) -> tuple[list[QuicCertificate], tuple[int, ...]]:
-        certificates: list[QuicCertificate] = []
-        generations: list[int] = []
-        for credentials in self._store.credentials(port):
-            if tuple(credentials.hosts) not in wanted:
-                continue
-            try:
-                certificates.append(
-                    quic_certificate_from_pem(
-                        credentials.hosts, credentials.cert_pem, credentials.key_pem
-                    )
-                )
-            except ValueError as exc:
-                logger.error("HTTP/3 on port %d: cannot load certificate: %s", port, exc)
-                continue
-            generations.append(credentials.generation)
-        return certificates, tuple(generations)
-
-    def refresh(self) -> int:
-        """Pick up certificates the store has reloaded; returns how many ports changed."""
-        changed = 0
-        for port, quic_listener in self.listeners.items():
-            wanted = self._servable[port]
-            generations = tuple(
-                c.generation for c in self._store.credentials(port) if tuple(c.hosts) in wanted
-            )
-            if generations == self._generations.get(port):
-                continue
-            certificates, generations = self._certificates(port, wanted)
-            if certificates:
-                quic_listener.update_certificates(certificates)
-                self._generations[port] = generations
-                changed += 1
-        return changed
-
-    def start_watch(self, poll_s: float) -> None:
-        """Re-read the store every ``poll_s`` seconds (0 disables)."""
-        if poll_s > 0 and self.listeners and self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._watch(poll_s))
-
-    async def _watch(self, poll_s: float) -> None:
-        while True:
-            await asyncio.sleep(poll_s)  # a polling period, not synchronisation
-            try:
-                self.refresh()
-            except Exception:  # never let the watcher die silently
-                logger.exception("HTTP/3 certificate refresh failed")
-
-    async def stop_port(self, port: int, drain_s: float = 5.0) -> None:
-        """``stop`` for one port (a reload removed or changed its HTTPS listener)."""
-        quic_listener = self.listeners.pop(port, None)
-        self._generations.pop(port, None)
-        self._servable.pop(port, None)
-        if quic_listener is not None:
-            await quic_listener.stop(drain_s)
-
-    async def stop(self, drain_s: float = 5.0) -> None:
-        """Withdraw alt-svc, GOAWAY every connection, drain, close the sockets."""
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        await asyncio.gather(*(q.stop(drain_s) for q in self.listeners.values()))
-        self.listeners.clear()
-
-
-async def start_http3(
-    handler: RequestHandler,
-    settings: ServerSettings,
-    address: str,
-    tls_listeners: Sequence[Any],
-    store: Any,
-    cert_poll_s: float,
-    say: Callable[[str], None],
-) -> HTTP3Listeners:
-    """The runtime's entry point: HTTP/3 for every HTTPS listener, or a line saying why
-    not. A UDP port that cannot be bound leaves that port on TCP only (and without
-    alt-svc) rather than stopping the gateway."""
-    http3 = HTTP3Listeners(handler, settings, address)
-    if store is None:
-        return http3
-    https = [lst for lst in tls_listeners if lst.protocol.upper() == "HTTPS"]
-    for listener in https:
-        try:
-            notes = await http3.start([listener], store)
-        except OSError as exc:
-            say(f"HTTP/3 not served on UDP port {listener.port}: {exc}")
-            continue
-        for note in notes:
-            say(f"HTTP/3: {note}")
-    if http3.listeners:
-        http3.start_watch(cert_poll_s)
-        ports = ", ".join(str(p) for p in sorted(http3.listeners))
-        say(f"serving HTTP/3 on {address} UDP ports {ports}")
-    return http3

@@ -373,6 +373,29 @@ def test_malformed_http3_request_is_answered_400_logged_dpe_and_not_forwarded(
     assert (line["route"], line["upstream_host"]) == ("-", "-")
 
 
+def test_http3_stack_is_loaded_by_the_first_quic_datagram(tmp_path: Path) -> None:
+    """aioquic and cryptography (about 13 MB of a worker) stay out of a worker whose
+    clients have not spoken QUIC, while the port is bound and advertised all along."""
+    started = Gateway(tmp_path)
+    maps = Path(f"/proc/{started.gateway.process.pid}/maps")
+
+    def loaded() -> tuple[bool, bool]:
+        text = maps.read_text()
+        return "/aioquic/" in text, "/cryptography/" in text
+
+    try:
+        verify = ssl.create_default_context(cafile=started.ca_file)
+        with httpx.Client(base_url=started.base, timeout=10, verify=verify, http2=True) as h2:
+            response = h2.get("/api/a")
+        assert response.headers.get("alt-svc") == f'h3=":{started.port}"; ma=86400'
+        assert loaded() == (False, False)
+        (over_h3,) = _h3(started, ("GET", "/api/b", {}, b""))
+        assert over_h3.status == 200
+        assert loaded() == (True, True)
+    finally:
+        started.stop()
+
+
 def test_tcp_responses_advertise_the_quic_port_and_http3_ones_do_not(gateway: Gateway) -> None:
     expected = f'h3=":{gateway.port}"; ma=86400'
     verify = ssl.create_default_context(cafile=gateway.ca_file)

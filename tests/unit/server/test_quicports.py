@@ -1,0 +1,134 @@
+"""``gateway.server.quicports``: the UDP side of an HTTPS port is bound and advertised
+at start, and becomes an HTTP/3 server with its first datagram. Real UDP sockets on
+127.0.0.1, the real certificate store, aioquic's client."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from pathlib import Path
+
+import pytest
+from tls_certs import CA
+
+from gateway.config.load import load_config
+from gateway.routing.compile import compile_snapshot
+from gateway.routing.table import Listener
+from gateway.server import altsvc, http3
+from gateway.server.events import DownstreamStream, ResponseHead
+from gateway.server.h3client import client_configuration, connect_h3
+from gateway.server.quicports import HTTP3Listeners
+from gateway.server.settings import ServerSettings
+from gateway.server.tls import CertificateStore
+
+
+def _free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _https_listener(tmp: Path, port: int, cert: Path, key: Path) -> Listener:
+    (tmp / "config").mkdir()
+    (tmp / "config" / "gateway.yaml").write_text(
+        f"""\
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {{name: edge, namespace: default}}
+spec:
+  selector: {{istio: ingressgateway}}
+  servers:
+    - port: {{number: {port}, name: https, protocol: HTTPS}}
+      hosts: [localhost]
+      tls: {{mode: SIMPLE, serverCertificate: {cert}, privateKey: {key}}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: all, namespace: default}}
+spec:
+  hosts: ["*"]
+  gateways: [edge]
+  http:
+    - directResponse: {{status: 200}}
+"""
+    )
+    snapshot = compile_snapshot(load_config([str(tmp / "config")]), {"istio": "ingressgateway"})
+    return snapshot.listeners[port]
+
+
+async def answer(stream: DownstreamStream) -> None:
+    await stream.send_head(ResponseHead(200, [("x-version", stream.head.http_version)]), False)
+    await stream.send_body(b"hello over h3", True)
+
+
+def test_port_is_advertised_at_once_and_serves_http3_from_its_first_datagram(
+    tmp_path: Path,
+) -> None:
+    ca = CA(tmp_path / "pki")
+    pair = ca.issue("server", dns=("localhost",))
+    port = _free_udp_port()
+    listener = _https_listener(tmp_path, port, pair.cert, pair.key)
+
+    async def main() -> None:
+        store = CertificateStore([listener])
+        quic = HTTP3Listeners(answer, ServerSettings(), "127.0.0.1")
+        assert await quic.start([listener], store) == []
+        quic_port = quic.listeners[port]
+        # Bound and advertised; no QUIC server built yet (nothing has arrived).
+        assert altsvc.ADVERTISED.get(port) == f'h3=":{port}"; ma=86400'
+        assert quic_port.listener is None
+        config = client_configuration("localhost", cadata=ca.path.read_bytes())
+        async with asyncio.timeout(20), connect_h3("127.0.0.1", port, config) as client:
+            first = await client.request("GET", "localhost", "/one")
+            second = await client.request("GET", "localhost", "/two")
+        assert (first.status, first.body, first.header("x-version")) == (
+            200,
+            b"hello over h3",
+            "3",
+        )
+        assert second.status == 200
+        assert isinstance(quic_port.listener, http3.QuicListener)
+        assert quic_port.listener.port == port
+        await quic.stop(drain_s=1.0)
+        assert port not in altsvc.ADVERTISED
+
+    asyncio.run(main())
+
+
+def test_port_that_cannot_load_a_certificate_when_it_wakes_withdraws_alt_svc(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A certificate the TLS side took but QUIC cannot (the conversion failing is
+    injected: no real certificate known to meshgate does that)."""
+    ca = CA(tmp_path / "pki")
+    pair = ca.issue("server", dns=("localhost",))
+    port = _free_udp_port()
+    listener = _https_listener(tmp_path, port, pair.cert, pair.key)
+
+    def refuse(*_: object) -> object:
+        raise ValueError("unsupported key")
+
+    monkeypatch.setattr(http3, "quic_certificate_from_pem", refuse)
+
+    async def main() -> None:
+        store = CertificateStore([listener])
+        quic = HTTP3Listeners(answer, ServerSettings(), "127.0.0.1")
+        await quic.start([listener], store)
+        quic_port = quic.listeners[port]
+        assert port in altsvc.ADVERTISED
+        # One datagram (what it holds does not matter: the port wakes before reading).
+        woke = asyncio.get_running_loop().create_future()
+        quic_port._wake, wake = (lambda p: (wake(p), woke.set_result(None))), quic_port._wake
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.sendto(b"\xc0not quic", ("127.0.0.1", port))
+            async with asyncio.timeout(10):
+                await woke
+        assert quic_port.broken and quic_port.listener is None
+        assert port not in altsvc.ADVERTISED  # clients stop being sent to HTTP/3
+        await quic.stop(drain_s=1.0)
+
+    with caplog.at_level(logging.ERROR, logger="meshgate.http3"):
+        asyncio.run(main())
+    assert f"HTTP/3 on port {port}: cannot load certificate: unsupported key" in caplog.text
+    assert "HTTP/3 is not served there" in caplog.text
