@@ -63,6 +63,8 @@ from h2.connection import ConnectionInputs
 from h2.errors import ErrorCodes
 from h2.stream import StreamInputs
 from hpack import Decoder
+from hpack.exceptions import HPACKDecodingError, OversizedHeaderListError
+from hpack.table import HeaderTable
 from hyperframe.exceptions import HyperframeError
 from hyperframe.frame import GoAwayFrame
 
@@ -187,6 +189,11 @@ class _H2Connection(h2.connection.H2Connection):
         self._data_to_send += b"".join(out)
 
 
+# hpack's static table by HPACK index (1-based; index 0 is never looked up here).
+_STATIC_TABLE: tuple[tuple[bytes, bytes], ...] = ((b"", b""), *HeaderTable.STATIC_TABLE)
+_STATIC_LENGTH = len(HeaderTable.STATIC_TABLE)
+
+
 class _CeilingDecoder(Decoder):
     """An HPACK decoder whose list-size limit stays at a fixed ceiling.
 
@@ -207,6 +214,55 @@ class _CeilingDecoder(Decoder):
     @max_header_list_size.setter
     def max_header_list_size(self, value: int) -> None:
         pass  # the advertised value is enforced per stream, in H2Protocol._on_request
+
+    def decode(self, data: bytes, raw: bool = False) -> list[Any]:  # type: ignore[override]
+        """hpack's ``decode`` (h2 calls it with ``raw=True``), with a shortcut for the
+        commonest field of a request block: one indexed by a single octet (a client's
+        repeated ``:method``, ``:path``, ``:authority``, ``user-agent``...), looked up
+        directly instead of through hpack's integer decoder, a memoryview slice, a
+        HeaderTuple and two debug-log calls. Every other representation goes
+        through hpack's own methods, in the same order and with the same checks and
+        errors as its ``decode``; a property test holds the two to the same fields,
+        table state and errors. Indexed fields come back as plain tuples."""
+        if not raw:
+            return list(super().decode(data, raw))
+        headers: list[Any] = []
+        static = _STATIC_TABLE
+        lookup = self.header_table.get_by_index
+        limit = self.max_header_list_size
+        inflated = 0
+        at = 0
+        end = len(data)
+        view: memoryview | None = None
+        while at < end:
+            first = data[at]
+            if 0x80 < first < 0xFF:
+                index = first & 0x7F
+                header = static[index] if index <= _STATIC_LENGTH else lookup(index)
+                at += 1
+            else:
+                if view is None:
+                    view = memoryview(data)
+                if first & 0x80:  # 0x80 (index 0, an error) or an index of several octets
+                    header, consumed = self._decode_indexed(view[at:])
+                elif first & 0x40:
+                    header, consumed = self._decode_literal_index(view[at:])
+                elif first & 0x20:
+                    if headers:
+                        msg = "Table size update not at the start of the block"
+                        raise HPACKDecodingError(msg)
+                    at += self._update_encoding_context(view[at:])
+                    continue
+                else:
+                    header, consumed = self._decode_literal_no_index(view[at:])
+                at += consumed
+            headers.append(header)
+            inflated += 32 + len(header[0]) + len(header[1])
+            if inflated > limit:
+                msg = f"A header list larger than {limit} has been received"
+                raise OversizedHeaderListError(msg)
+        self._assert_valid_table_size()
+        return headers
 
 
 def _wake(waiter: asyncio.Future[None] | None) -> None:
