@@ -429,11 +429,13 @@ def test_body_growing_over_the_limit_is_refused_413_through_the_pipeline(
     run(main())
 
 
-def test_body_longer_than_its_content_length_is_reset_before_the_excess_is_read(
+def test_body_longer_than_its_content_length_is_refused_before_the_excess_is_read(
     ca: Authority,
 ) -> None:
     """aioquic compares the body with Content-Length only when the stream ends; a
-    pipeline forwarding the body upstream with that length must never see more."""
+    pipeline forwarding the body upstream with that length must never see more. The
+    pipeline's read fails (it answers 400) and the rest of the body is refused with
+    STOP_SENDING H3_MESSAGE_ERROR."""
     got: list[bytes] = []
     outcome: list[str] = []
     finished = asyncio.Event()
@@ -456,6 +458,15 @@ def test_body_longer_than_its_content_length_is_reset_before_the_excess_is_read(
     async def main() -> None:
         pair = Pair(reader, [ca.quic_certificate("example.com")], ca.pem)
         await pair.connect()
+        proto = pair.protocol
+        stops: list[int] = []
+        stop_receiving = proto._stop_receiving
+
+        def recording(stream_id: int, error_code: int) -> None:
+            stops.append(error_code)
+            stop_receiving(stream_id, error_code)
+
+        proto._stop_receiving = recording  # type: ignore[method-assign]
         headers = [("content-length", "5")]
         task = asyncio.create_task(pair.request("POST", "example.com", "/", headers, lying()))
         async with asyncio.timeout(TIMEOUT_S):
@@ -463,6 +474,7 @@ def test_body_longer_than_its_content_length_is_reset_before_the_excess_is_read(
         task.cancel()
         assert outcome == ["malformed"]  # and answered 400
         assert b"".join(got) in (b"", b"hello")
+        assert stops == [0x10E]  # H3_MESSAGE_ERROR, once the 400 was out
 
     run(main())
 
