@@ -141,6 +141,24 @@ class _H2Connection(h2.connection.H2Connection):
         self.MAX_CLOSED_STREAMS = max(1024, 10 * max_concurrent_streams)
         super().__init__(config)
 
+    @classmethod
+    def for_server(cls, max_concurrent_streams: int) -> _H2Connection:
+        """The server side as the adapter runs it: header blocks stay bytes, h2's
+        field checks and normalisation are off (the same checks are made in one pass
+        by ``_on_request`` / ``_on_trailers``), and responses are HPACK-encoded by
+        ``ResponseEncoder`` (the same HPACK, cheaper)."""
+        config = h2.config.H2Configuration(
+            client_side=False,
+            header_encoding=None,
+            validate_inbound_headers=False,
+            normalize_inbound_headers=False,
+            validate_outbound_headers=False,
+            normalize_outbound_headers=False,
+        )
+        conn = cls(config, max_concurrent_streams)
+        conn.encoder = ResponseEncoder()  # type: ignore[assignment]
+        return conn
+
     def send_whole_response(
         self, stream_id: int, headers: list[tuple[bytes, bytes]], body: bytes
     ) -> None:
@@ -590,17 +608,7 @@ class H2Protocol(asyncio.Protocol):
 
         max_streams = settings.max_concurrent_streams
         header_bytes = settings.max_request_header_bytes
-        config = h2.config.H2Configuration(
-            client_side=False,
-            header_encoding=None,
-            # The same checks, in one pass: ``_on_request`` / ``_on_trailers``.
-            validate_inbound_headers=False,
-            normalize_inbound_headers=False,
-            validate_outbound_headers=False,
-            normalize_outbound_headers=False,
-        )
-        conn = _H2Connection(config, max_streams)
-        conn.encoder = ResponseEncoder()  # type: ignore[assignment]  # same HPACK, cheaper
+        conn = _H2Connection.for_server(max_streams)
         codes = h2.settings.SettingCodes
         conn.local_settings = _AdvertisedSettings(
             ceiling_streams=max_streams * 2 + 16,

@@ -1,7 +1,8 @@
 """The HTTP/3 downstream adapter and the QUIC listener, on aioquic.
 
-Owns one UDP socket per HTTPS listener port (``serve_quic``) and, on it, every QUIC
-connection from clients (``H3Protocol``). Each request stream becomes a
+Serves every QUIC connection from clients (``H3Protocol``) on the UDP socket of an
+HTTPS listener port, which ``gateway.server.quicports`` binds and hands over with
+its first datagram (``QuicListener.attach``). Each request stream becomes a
 ``RequestHead`` plus an ``H3Stream`` (a ``DownstreamStream``) handed to the request
 pipeline in a task of its own, exactly as the HTTP/1.1 and HTTP/2 adapters do, so
 routing and policy never see an aioquic object.
@@ -20,11 +21,13 @@ What this module does:
 - the certificate by SNI when several Gateway servers share the port;
 - graceful shutdown: GOAWAY on the control stream, streams already received finish,
   later ones are refused with H3_REQUEST_REJECTED;
-- the ``alt-svc`` advertisement (``gateway.server.altsvc``) while the socket is up.
+- withdrawing the port's ``alt-svc`` advertisement (``gateway.server.altsvc``) when
+  the listener stops.
 
 What it leaves to others: routing and error pages (the pipeline), the TCP side of the
-same port (the TLS listeners), reading certificate files from Gateway settings (the
-caller hands ``QuicCertificate`` objects in).
+same port (the TLS listeners), binding the UDP socket, advertising it and loading
+this module on first use (``gateway.server.quicports``), reading certificate files
+from Gateway settings (the caller hands ``QuicCertificate`` objects in).
 
 aioquic private parts used, all in one place (``_QuicTuning``) and pinned by the
 ``aioquic`` version range in ``pyproject.toml``: the per-connection stream-count limit,
@@ -37,7 +40,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -59,7 +61,6 @@ from ..memory import SWEEPER
 from . import altsvc
 from .events import RequestHandler, RequestHead, ResponseHead, StreamReset
 from .h2fields import target_problem
-from .quicports import widen_socket_buffers
 from .settings import ServerSettings
 
 __all__ = [
@@ -71,7 +72,6 @@ __all__ = [
     "load_quic_certificate",
     "quic_certificate_from_pem",
     "quic_configuration",
-    "serve_quic",
 ]
 
 logger = logging.getLogger(__name__)
@@ -436,7 +436,7 @@ class H3Stream:
 class H3Protocol(QuicConnectionProtocol):
     """One downstream QUIC connection carrying HTTP/3.
 
-    Created by aioquic's ``QuicServer`` for each new connection (see ``serve_quic``),
+    Created by aioquic's ``QuicServer`` for each new connection (``QuicListener``),
     with the meshgate arguments bound by ``functools.partial``."""
 
     def __init__(
@@ -979,40 +979,3 @@ class QuicListener:
         if self.server is not None:
             # Sends CONNECTION_CLOSE for whatever it still tracks, closes the socket.
             self.server.close()
-
-
-async def serve_quic(
-    address: str,
-    port: int,
-    certificates: Sequence[QuicCertificate],
-    handler: RequestHandler,
-    settings: ServerSettings,
-    *,
-    advertise: bool = True,
-) -> QuicListener:
-    """Bind UDP ``address:port`` and serve HTTP/3 on it through ``handler``.
-
-    The socket uses ``SO_REUSEPORT`` like the TCP listeners, so several workers share
-    the port (the kernel keeps a client's datagrams on one worker). With
-    ``advertise``, responses on the TCP side of the port carry ``alt-svc`` from the
-    moment the socket is bound until ``stop``. Raises OSError when the port cannot be
-    bound, ValueError without a certificate."""
-    loop = asyncio.get_running_loop()
-    listener = QuicListener(handler, settings, certificates)
-    family = socket.AF_INET6 if ":" in address else socket.AF_INET
-    transport, server = await loop.create_datagram_endpoint(
-        lambda: QuicServer(
-            configuration=listener.configuration, create_protocol=listener._create_protocol
-        ),
-        local_addr=(address, port),
-        family=family,
-        reuse_port=True,
-    )
-    listener.server = server
-    widen_socket_buffers(transport)
-    # Port 0 (tests): requests must carry the real port, and alt-svc name it.
-    listener.port = transport.get_extra_info("sockname")[1]
-    if advertise:
-        listener._advertised = True
-        altsvc.advertise(listener.port)
-    return listener

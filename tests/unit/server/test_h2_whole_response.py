@@ -13,7 +13,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.server.hpackenc import ResponseEncoder
 from gateway.server.http2 import _H2Connection
 
 REQUEST = [(":method", "GET"), (":scheme", "https"), (":authority", "a.test"), (":path", "/")]
@@ -30,16 +29,7 @@ def _pair(max_frame: int) -> tuple[h2.connection.H2Connection, list[_H2Connectio
     wire = client.data_to_send()
     servers = []
     for _ in range(2):
-        config = h2.config.H2Configuration(
-            client_side=False,
-            header_encoding=None,
-            validate_inbound_headers=False,
-            normalize_inbound_headers=False,
-            validate_outbound_headers=False,
-            normalize_outbound_headers=False,
-        )
-        server = _H2Connection(config, 100)
-        server.encoder = ResponseEncoder()  # type: ignore[assignment]
+        server = _H2Connection.for_server(100)  # as the adapter makes it
         server.initiate_connection()
         server.receive_data(wire)
         server.data_to_send()
