@@ -4,7 +4,8 @@ Serves every QUIC connection from clients (``H3Protocol``) on the UDP socket of 
 HTTPS listener port, which ``gateway.server.quicports`` binds and hands over with
 its first datagram (``QuicListener.attach``). Each request stream becomes a
 ``RequestHead`` plus an ``H3Stream`` (a ``DownstreamStream``) handed to the request
-pipeline in a task of its own, exactly as the HTTP/1.1 and HTTP/2 adapters do, so
+pipeline exactly as the HTTP/1.1 and HTTP/2 adapters do (a bodiless request through
+its callback-driven entry, ``Pipeline.start``; others in a task of their own), so
 routing and policy never see an aioquic object.
 
 What this module does:
@@ -41,7 +42,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -268,6 +269,7 @@ class H3Stream:
         "_send_waiter",
         "_stop_code",
         "_task",
+        "canceller",
         "head",
         "rejection",
         "stream_id",
@@ -298,6 +300,48 @@ class H3Stream:
         self._read_waiter: asyncio.Future[None] | None = None
         self._send_waiter: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
+        # Set while the pipeline's callback-driven exchange waits on the upstream
+        # with no task of its own: called if the stream dies meanwhile.
+        self.canceller: Callable[[], None] | None = None
+
+    # The response cannot take an upstream's HTTP/1.1 header lines as they are.
+    raw_lines = False
+    # No Upgrade tunnel over HTTP/3 (``UpstreamStage.start`` asks).
+    tunnel = None
+
+    # -- the callback-driven exchange (``Pipeline.start``) ------------------------------
+
+    def run(self, step: Coroutine[Any, Any, None]) -> None:
+        """Run the rest of this request's handling in a task."""
+        proto = self._proto
+        self._task = proto._loop.create_task(proto._run(self, step))
+
+    def write_response(self, response: ResponseHead, body: bytes) -> bool:
+        """The whole response now, without a coroutine, when it is small enough to
+        queue at once; False, having sent nothing, otherwise. A stream written here
+        is finished here."""
+        return self._write_now(_response_headers(response), body)
+
+    def write_fields(self, status: int, fields: list[tuple[bytes, bytes]], body: bytes) -> bool:
+        """``write_response`` for a head already in lower-case byte fields, free of
+        connection-specific ones (an upstream's, passed through)."""
+        return self._write_now([(b":status", str(status).encode("ascii")), *fields], body)
+
+    def _write_now(self, headers: list[tuple[bytes, bytes]], body: bytes) -> bool:
+        proto = self._proto
+        if self._reset_code is not None or len(body) > proto._settings.write_buffer_high_bytes:
+            return False
+        try:
+            proto._h3.send_headers(self.stream_id, headers, end_stream=not body)
+            self._response_started = True
+            if body:
+                proto._h3.send_data(self.stream_id, body, end_stream=True)
+        except Exception as exc:  # aioquic: stream finished, reset or in a wrong state
+            raise StreamReset(f"stream {self.stream_id} cannot send: {exc}") from exc
+        self._local_ended = True
+        proto._transmit_soon()
+        proto._finish(self)
+        return True
 
     # -- the DownstreamStream interface ---------------------------------------------
 
@@ -416,6 +460,14 @@ class H3Stream:
         self._buffered_bytes = 0
         _wake(self._read_waiter)
         _wake(self._send_waiter)
+        canceller = self.canceller
+        if canceller is not None:
+            # The callback-driven exchange: no task will see the reset, so the
+            # exchange ends here (flag DC, upstream connection closed) and so does
+            # the stream.
+            self.canceller = None
+            canceller()
+            self._proto._finish(self)
 
     async def _wait_acknowledged(self) -> None:
         proto = self._proto
@@ -452,6 +504,8 @@ class H3Protocol(QuicConnectionProtocol):
     ) -> None:
         super().__init__(quic, stream_handler)
         self._handler = handler
+        # The pipeline's callback-driven entry (``Pipeline.start``), when it has one.
+        self._fast_start = getattr(handler, "start", None)
         self._settings = settings
         self._port = port
         self._certificates = tuple(certificates)
@@ -713,7 +767,13 @@ class H3Protocol(QuicConnectionProtocol):
             if isinstance(rejection, BadRequest):
                 stream._stop_code = H3_MESSAGE_ERROR
         self._streams[stream_id] = stream
-        stream._task = self._loop.create_task(self._run(stream))
+        fast_start = self._fast_start
+        if fast_start is not None and stream._remote_ended:
+            # A request without a body: the pipeline runs it from callbacks and makes
+            # a task only for what must wait (see ``Pipeline.start``).
+            fast_start(stream)
+            return
+        stream._task = self._loop.create_task(self._run(stream, self._handler(stream)))
 
     def _on_data(self, event: DataReceived) -> None:
         stream = self._streams.get(event.stream_id)
@@ -744,9 +804,9 @@ class H3Protocol(QuicConnectionProtocol):
         stream._remote_ended = True
         _wake(stream._read_waiter)
 
-    async def _run(self, stream: H3Stream) -> None:
+    async def _run(self, stream: H3Stream, step: Coroutine[Any, Any, None]) -> None:
         try:
-            await self._handler(stream)
+            await step
         except StreamReset:
             pass
         except Exception:

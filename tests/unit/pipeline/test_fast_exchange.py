@@ -18,8 +18,10 @@ import struct
 import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
+from tls_certs import CA
 
 from gateway.config.load import load_config
 from gateway.pipeline import Pipeline
@@ -575,6 +577,119 @@ def test_h2_route_timeout_on_a_pooled_connection_is_504_ut() -> None:
         assert flags[1:] == [("/slow", 504, "UT"), ("/after", 200, "-")]
 
     run_h2(scenario)
+
+
+# --------------------------------------------------------------------------- HTTP/3
+
+
+def run_h3(scenario: Scenario, started: list[str] | None = None) -> None:
+    """``run`` with the gateway's listener speaking HTTP/3 on a UDP port of its own
+    (requests carry the configured port, 8080, as the listener they arrived on).
+    ``started`` collects the paths the adapter handed to ``Pipeline.start``."""
+
+    async def start(self: Gateway) -> None:
+        from gateway.server.http3 import QuicListener, load_quic_certificate
+
+        pair = H3_CA.issue("gateway", dns=("localhost",))
+        pipeline = self.pipeline
+        if started is not None:
+            entry = pipeline.start
+
+            def recording(stream: Any) -> None:
+                started.append(stream.head.path)
+                entry(stream)
+
+            pipeline.start = recording  # type: ignore[method-assign]
+        certificate = load_quic_certificate(str(pair.cert), str(pair.key), ("*",))
+        listener = QuicListener(pipeline, ServerSettings(), [certificate])
+        loop = asyncio.get_running_loop()
+        transport, _ = await loop.create_datagram_endpoint(
+            asyncio.DatagramProtocol, local_addr=("127.0.0.1", 0)
+        )
+        self.port = transport.get_extra_info("sockname")[1]
+        listener.port = 8080
+        listener.attach(transport)
+        self.server = transport  # type: ignore[assignment]  # close() ends it
+
+    with tempfile.TemporaryDirectory() as tmp:
+        global H3_CA
+        H3_CA = CA(Path(tmp) / "pki")
+        original = Gateway.start
+        Gateway.start = start  # type: ignore[method-assign]
+        try:
+            run(scenario)
+        finally:
+            Gateway.start = original  # type: ignore[method-assign]
+
+
+H3_CA: Any = None
+
+
+def _h3(gateway: Gateway) -> Any:
+    from gateway.server.h3client import client_configuration, connect_h3
+
+    config = client_configuration("localhost", cadata=H3_CA.path.read_bytes())
+    return connect_h3("127.0.0.1", gateway.port, config)
+
+
+def test_h3_streams_on_pooled_connections_take_the_lane_and_are_logged() -> None:
+    started: list[str] = []
+
+    async def scenario(gateway: Gateway, backend: Backend) -> None:
+        async with _h3(gateway) as client:
+            warm = await client.request("GET", "app.test", "/warm")
+            assert (warm.status, warm.body) == (200, b"ok")
+            answers = await asyncio.gather(
+                *(client.request("GET", "app.test", f"/s{i}") for i in range(5))
+            )
+        assert [(a.status, a.body) for a in answers] == [(200, b"ok")] * 5
+        lines = gateway.log_lines()
+        assert sorted(line["path"] for line in lines) == sorted(
+            ["/warm", *(f"/s{i}" for i in range(5))]
+        )
+        assert all(
+            (x["status"], x["response_flags"], x["protocol"]) == (200, "-", "HTTP/3") for x in lines
+        )
+
+    run_h3(scenario, started)
+    # Bodiless requests are handed to the callback-driven entry, not a task.
+    assert sorted(started) == sorted(["/warm", *(f"/s{i}" for i in range(5))])
+
+
+def test_h3_client_reset_while_waiting_is_logged_dc_and_the_upstream_released() -> None:
+    async def scenario(gateway: Gateway, backend: Backend) -> None:
+        async with _h3(gateway) as client:
+            assert (await client.request("GET", "app.test", "/warm")).status == 200
+            log = gateway.pipeline.access_log
+            assert isinstance(log, NotifyingLog)
+            log.written.clear()
+            held = client._quic.get_next_available_stream_id()
+            waiting = asyncio.ensure_future(client.request("GET", "app.test", "/hold"))
+            await backend.holding.wait()
+            client.reset_stream(held)
+            await log.written.wait()
+            line = gateway.log_lines()[1]
+            assert (line["path"], line["response_flags"]) == ("/hold", "DC")
+            backend.release.set()
+            waiting.cancel()
+            # The held upstream connection was closed: the next request opens another.
+            assert (await client.request("GET", "app.test", "/next")).status == 200
+        assert backend.connections == 2
+
+    run_h3(scenario)
+
+
+def test_h3_route_timeout_on_a_pooled_connection_is_504_ut() -> None:
+    async def scenario(gateway: Gateway, backend: Backend) -> None:
+        async with _h3(gateway) as client:
+            assert (await client.request("GET", "app.test", "/warm")).status == 200
+            assert (await client.request("GET", "app.test", "/slow")).status == 504
+            backend.release.set()
+            assert (await client.request("GET", "app.test", "/after")).status == 200
+        flags = [(x["path"], x["status"], x["response_flags"]) for x in gateway.log_lines()]
+        assert flags[1:] == [("/slow", 504, "UT"), ("/after", 200, "-")]
+
+    run_h3(scenario)
 
 
 # --------------------------------------------------------------------------- desync
