@@ -8,9 +8,9 @@ clients never speak QUIC would carry for nothing. So each port starts with a sma
 datagram protocol of its own (``QuicPort``). The first datagram loads the adapter,
 builds the port's QUIC server from the certificate store's current certificates,
 hands it the socket and that datagram; from then on the socket is the adapter's.
-Loading takes a moment (about 0.1 to 0.2 s of the worker's time, once); the client's
-first Initial packet waits for it, the TCP side of the port is not otherwise
-affected.
+Loading takes about 0.1 to 0.2 s, once per worker, on the worker's event loop:
+the client's first packet waits for it, and so does whatever else that worker is
+doing at that moment.
 
 Certificates are read when the port wakes, so rotations before that need nothing;
 after it, ``refresh`` hands rotated ones to the live QUIC server. A port whose
