@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 from pathlib import Path
 
@@ -132,3 +133,53 @@ def test_port_that_cannot_load_a_certificate_when_it_wakes_withdraws_alt_svc(
         asyncio.run(main())
     assert f"HTTP/3 on port {port}: cannot load certificate: unsupported key" in caplog.text
     assert "HTTP/3 is not served there" in caplog.text
+
+
+async def _served_serial(port: int, ca: CA) -> int:
+    """The serial number of the certificate a new QUIC connection is shown."""
+    config = client_configuration("localhost", cadata=ca.path.read_bytes())
+    async with asyncio.timeout(20), connect_h3("127.0.0.1", port, config) as client:
+        assert (await client.request("GET", "localhost", "/")).status == 200
+        return int(client._quic.tls._peer_certificate.serial_number)
+
+
+def _rotate(ca: CA, stem: str, cert: Path, key: Path) -> int:
+    """Issue a new certificate and move it over the served files (new inodes, as a
+    deploy tool or a Kubernetes secret update replaces them); its serial."""
+    pair = ca.issue(stem, dns=("localhost",))
+    os.replace(pair.key, key)
+    os.replace(pair.cert, cert)
+    return pair.serial
+
+
+def test_rotated_certificates_reach_new_quic_connections_asleep_or_awake(
+    tmp_path: Path,
+) -> None:
+    ca = CA(tmp_path / "pki")
+    served = ca.issue("server", dns=("localhost",))
+    port = _free_udp_port()
+    listener = _https_listener(tmp_path, port, served.cert, served.key)
+
+    async def main() -> None:
+        store = CertificateStore([listener])
+        quic = HTTP3Listeners(answer, ServerSettings(), "127.0.0.1")
+        await quic.start([listener], store)
+        # Rotated before any QUIC datagram: nothing to hand over; the port reads the
+        # store's certificates when it wakes.
+        second = _rotate(ca, "second", served.cert, served.key)
+        assert store.refresh() == 1
+        assert quic.refresh() == 0
+        assert await _served_serial(port, ca) == second
+        # Rotated while awake: the next refresh hands it to the live QUIC server; a
+        # connection opened before keeps working.
+        config = client_configuration("localhost", cadata=ca.path.read_bytes())
+        async with asyncio.timeout(20), connect_h3("127.0.0.1", port, config) as kept:
+            third = _rotate(ca, "third", served.cert, served.key)
+            assert store.refresh() == 1
+            assert quic.refresh() == 1
+            assert await _served_serial(port, ca) == third
+            assert (await kept.request("GET", "localhost", "/still")).status == 200
+            assert int(kept._quic.tls._peer_certificate.serial_number) == second
+        await quic.stop(drain_s=1.0)
+
+    asyncio.run(main())
