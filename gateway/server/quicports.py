@@ -70,7 +70,12 @@ class QuicPort(asyncio.DatagramProtocol):
     def datagram_received(self, data: bytes, addr: Any) -> None:
         # Only the first datagram comes here: waking hands the socket over.
         if self.listener is None and not self.broken and self.transport is not None:
-            self._wake(self)
+            try:
+                self._wake(self)
+            except Exception:  # never let a failed load leave the port half-awake
+                logger.exception("HTTP/3 on port %d: cannot start; not served there", self.number)
+                self.broken = True
+                self.withdraw()
         if self.listener is not None:
             self.listener.server.datagram_received(data, addr)
 

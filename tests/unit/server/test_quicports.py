@@ -9,6 +9,7 @@ import logging
 import os
 import socket
 from pathlib import Path
+from typing import Any
 
 import pytest
 from tls_certs import CA
@@ -97,11 +98,16 @@ def test_port_is_advertised_at_once_and_serves_http3_from_its_first_datagram(
     asyncio.run(main())
 
 
-def test_port_that_cannot_load_a_certificate_when_it_wakes_withdraws_alt_svc(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize("failure", ["certificate", "start"])
+def test_port_that_cannot_wake_withdraws_alt_svc_and_drops_quic(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    failure: str,
 ) -> None:
-    """A certificate the TLS side took but QUIC cannot (the conversion failing is
-    injected: no real certificate known to meshgate does that)."""
+    """A certificate the TLS side took but QUIC cannot, or any other failure while
+    the HTTP/3 side starts (both injected: no real certificate or set-up known to
+    meshgate does that)."""
     ca = CA(tmp_path / "pki")
     pair = ca.issue("server", dns=("localhost",))
     port = _free_udp_port()
@@ -110,7 +116,13 @@ def test_port_that_cannot_load_a_certificate_when_it_wakes_withdraws_alt_svc(
     def refuse(*_: object) -> object:
         raise ValueError("unsupported key")
 
-    monkeypatch.setattr(http3, "quic_certificate_from_pem", refuse)
+    def broken(*_: object) -> object:
+        raise RuntimeError("no QUIC today")
+
+    if failure == "certificate":
+        monkeypatch.setattr(http3, "quic_certificate_from_pem", refuse)
+    else:
+        monkeypatch.setattr(http3, "QuicListener", broken)
 
     async def main() -> None:
         store = CertificateStore([listener])
@@ -120,7 +132,15 @@ def test_port_that_cannot_load_a_certificate_when_it_wakes_withdraws_alt_svc(
         assert port in altsvc.ADVERTISED
         # One datagram (what it holds does not matter: the port wakes before reading).
         woke = asyncio.get_running_loop().create_future()
-        quic_port._wake, wake = (lambda p: (wake(p), woke.set_result(None))), quic_port._wake
+        wake = quic_port._wake
+
+        def observed(target: Any) -> None:
+            try:
+                wake(target)
+            finally:
+                woke.set_result(None)
+
+        quic_port._wake = observed
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
             sock.sendto(b"\xc0not quic", ("127.0.0.1", port))
             async with asyncio.timeout(10):
@@ -131,8 +151,12 @@ def test_port_that_cannot_load_a_certificate_when_it_wakes_withdraws_alt_svc(
 
     with caplog.at_level(logging.ERROR, logger="meshgate.http3"):
         asyncio.run(main())
-    assert f"HTTP/3 on port {port}: cannot load certificate: unsupported key" in caplog.text
-    assert "HTTP/3 is not served there" in caplog.text
+    if failure == "certificate":
+        assert f"HTTP/3 on port {port}: cannot load certificate: unsupported key" in caplog.text
+        assert "HTTP/3 is not served there" in caplog.text
+    else:
+        assert f"HTTP/3 on port {port}: cannot start; not served there" in caplog.text
+        assert "no QUIC today" in caplog.text
 
 
 async def _served_serial(port: int, ca: CA) -> int:
