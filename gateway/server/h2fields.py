@@ -8,8 +8,9 @@ decide exactly as h2's checks do (``tests/unit/server/test_h2fields.py`` holds t
 it over generated blocks, with h2 itself as the oracle), at a fraction of the cost: two
 regular-expression scans per field, done in C.
 
-Each returns None for an acceptable block, or a short reason. A malformed request is a
-connection error for meshgate, as it was under h2's checks (GOAWAY PROTOCOL_ERROR).
+Each returns None for an acceptable block, or a short reason. Over HTTP/2 a malformed
+request is answered 400 and then ends the connection (GOAWAY PROTOCOL_ERROR), as it
+ended under h2's checks; over HTTP/3 it is a stream error.
 
 ``target_problem`` goes further than h2, as nghttp2 (Envoy's codec) does: the method,
 path and authority become an HTTP/1.1 request line upstream, so a space or control
@@ -41,6 +42,13 @@ _BAD_TARGET = re.compile(rb"[\x00-\x20\x7f]").search
 
 Fields = list[tuple[bytes, bytes]]
 
+# Fields whose characters have passed ``_field_problem``: a client repeats most of its
+# fields request after request (method, scheme, authority, user-agent, cookies), and a
+# field's verdict depends on its name and value alone. Bounded: once full, fields not
+# in it are checked every time.
+_CHECKED: set[tuple[bytes, bytes]] = set()
+_CHECKED_MAX = 1024
+
 
 def _field_problem(name: bytes, value: bytes) -> str | None:
     """What is wrong with one field's characters, or None."""
@@ -64,10 +72,15 @@ def request_problem(fields: Fields) -> str | None:
     seen: set[bytes] = set()
     regular = False
     method = authority = host = None
-    for name, value in fields:
-        problem = _field_problem(name, value)
-        if problem is not None:
-            return problem
+    checked = _CHECKED
+    for field in fields:
+        name, value = field
+        if field not in checked:
+            problem = _field_problem(name, value)
+            if problem is not None:
+                return problem
+            if len(checked) < _CHECKED_MAX:
+                checked.add((name, value))
         if name[0] == _COLON:
             if regular:
                 return f"pseudo-header {name!r} after a regular field"

@@ -138,3 +138,21 @@ def test_request_line_parts_are_what_an_http11_request_line_can_carry(
     method: bytes, path: bytes | None, authority: bytes, reason: str | None
 ) -> None:
     assert target_problem(method, path, authority) == reason
+
+
+def test_field_verdicts_are_remembered_for_good_fields_only_and_the_memory_is_bounded() -> None:
+    from gateway.server import h2fields
+
+    base = [(b":method", b"GET"), (b":scheme", b"https"), (b":authority", b"a.test")]
+    h2fields._CHECKED.clear()
+    assert request_problem([*base, (b":path", b"/"), (b"x-ok", b"1")]) is None
+    assert (b"x-ok", b"1") in h2fields._CHECKED
+    bad = (b"x-bad", b" padded")
+    for _ in range(2):  # refused every time: a bad field is never remembered
+        assert request_problem([*base, (b":path", b"/"), bad]) is not None
+    assert bad not in h2fields._CHECKED
+    for i in range(h2fields._CHECKED_MAX + 100):
+        assert request_problem([*base, (b":path", b"/%d" % i)]) is None
+    assert len(h2fields._CHECKED) == h2fields._CHECKED_MAX
+    # Past the bound, fields are still checked, one by one.
+    assert request_problem([*base, (b":path", b"/late"), (b"x-late", b"a\rb")]) is not None
