@@ -494,6 +494,11 @@ def run_h2(scenario: Scenario) -> None:
         )
         self.port = self.server.sockets[0].getsockname()[1]
 
+    _run_with(start, scenario)
+
+
+def _run_with(start: Callable[[Gateway], Awaitable[None]], scenario: Scenario) -> None:
+    """``run`` with ``start`` in place of the gateway's HTTP/1.1 listener."""
     original = Gateway.start
     Gateway.start = start  # type: ignore[method-assign]
     try:
@@ -614,12 +619,7 @@ def run_h3(scenario: Scenario, started: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         global H3_CA
         H3_CA = CA(Path(tmp) / "pki")
-        original = Gateway.start
-        Gateway.start = start  # type: ignore[method-assign]
-        try:
-            run(scenario)
-        finally:
-            Gateway.start = original  # type: ignore[method-assign]
+        _run_with(start, scenario)
 
 
 H3_CA: Any = None

@@ -59,6 +59,15 @@ spec:
     return snapshot.listeners[port]
 
 
+def _served_port(tmp_path: Path) -> tuple[CA, Any, int, Listener]:
+    """A CA, a certificate for localhost, a free UDP port and the HTTPS listener that
+    serves that certificate on it."""
+    ca = CA(tmp_path / "pki")
+    pair = ca.issue("server", dns=("localhost",))
+    port = _free_udp_port()
+    return ca, pair, port, _https_listener(tmp_path, port, pair.cert, pair.key)
+
+
 async def answer(stream: DownstreamStream) -> None:
     await stream.send_head(ResponseHead(200, [("x-version", stream.head.http_version)]), False)
     await stream.send_body(b"hello over h3", True)
@@ -67,10 +76,7 @@ async def answer(stream: DownstreamStream) -> None:
 def test_port_is_advertised_at_once_and_serves_http3_from_its_first_datagram(
     tmp_path: Path,
 ) -> None:
-    ca = CA(tmp_path / "pki")
-    pair = ca.issue("server", dns=("localhost",))
-    port = _free_udp_port()
-    listener = _https_listener(tmp_path, port, pair.cert, pair.key)
+    ca, _, port, listener = _served_port(tmp_path)
 
     async def main() -> None:
         store = CertificateStore([listener])
@@ -108,10 +114,7 @@ def test_port_that_cannot_wake_withdraws_alt_svc_and_drops_quic(
     """A certificate the TLS side took but QUIC cannot, or any other failure while
     the HTTP/3 side starts (both injected: no real certificate or set-up known to
     meshgate does that)."""
-    ca = CA(tmp_path / "pki")
-    pair = ca.issue("server", dns=("localhost",))
-    port = _free_udp_port()
-    listener = _https_listener(tmp_path, port, pair.cert, pair.key)
+    _, _, port, listener = _served_port(tmp_path)
 
     def refuse(*_: object) -> object:
         raise ValueError("unsupported key")
@@ -179,10 +182,7 @@ def _rotate(ca: CA, stem: str, cert: Path, key: Path) -> int:
 def test_rotated_certificates_reach_new_quic_connections_asleep_or_awake(
     tmp_path: Path,
 ) -> None:
-    ca = CA(tmp_path / "pki")
-    served = ca.issue("server", dns=("localhost",))
-    port = _free_udp_port()
-    listener = _https_listener(tmp_path, port, served.cert, served.key)
+    ca, served, port, listener = _served_port(tmp_path)
 
     async def main() -> None:
         store = CertificateStore([listener])
