@@ -534,6 +534,12 @@ class H3Protocol(QuicConnectionProtocol):
         def write_stream_limits(builder: Any, space: Any, stream: Any) -> None:
             h3_stream = self._streams.get(stream.stream_id)
             if h3_stream is not None and stream.max_stream_data_local:
+                if stream.receiver._final_size is not None:
+                    # The client has sent FIN (or a reset): it can send nothing more,
+                    # so more credit is useless, and RFC 9000 13.3 says to stop
+                    # sending MAX_STREAM_DATA. Without this, every bodiless request
+                    # cost a frame in the response's packet and an ack to track.
+                    return
                 # What the client may send: everything received so far, less what
                 # still waits to be read, plus one window.
                 wanted = (

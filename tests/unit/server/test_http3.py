@@ -21,6 +21,7 @@ import pytest
 from aioquic.asyncio.server import QuicServer
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
+from aioquic.quic.logger import QuicLogger
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -155,6 +156,7 @@ class Pair:
         ca_pem: bytes,
         settings: ServerSettings | None = None,
         server_name: str = "example.com",
+        quic_logger: QuicLogger | None = None,
     ) -> None:
         self.settings = settings or ServerSettings()
         self.listener = QuicListener(handler, self.settings, certificates)
@@ -169,6 +171,7 @@ class Pair:
         self.server.connection_made(self.to_client)  # type: ignore[arg-type]
         self.to_server.deliver = self.server.datagram_received
         config = client_configuration(server_name=server_name, cadata=ca_pem)
+        config.quic_logger = quic_logger  # what the client received, frame by frame
         self.client = H3Client(QuicConnection(configuration=config))
         self.client.connection_made(self.to_server)  # type: ignore[arg-type]
         self.to_client.deliver = self.client.datagram_received
@@ -359,6 +362,48 @@ def test_receive_window_moves_only_as_the_pipeline_reads(ca: Authority) -> None:
         info = json.loads(response.body)
         assert info["body_bytes"] == total
         assert info["body_sha256"] == _pattern_digest(total)
+
+    run(main())
+
+
+def test_no_stream_credit_is_sent_once_the_request_has_ended(ca: Authority) -> None:
+    # RFC 9000 13.3: no MAX_STREAM_DATA once a stream's final size is known. A client
+    # that has sent its whole request (FIN) gets its response and nothing else on
+    # that stream, even while the pipeline still works on it; a body still arriving
+    # gets credit as the pipeline reads it (the tests above), which is what the frame
+    # is for.
+    async def main() -> None:
+        proceed = asyncio.Event()
+
+        async def held(stream: DownstreamStream) -> None:
+            await proceed.wait()
+            await echo(stream)
+
+        logger = QuicLogger()
+        pair = Pair(held, [ca.quic_certificate("example.com")], ca.pem, quic_logger=logger)
+        await pair.connect()
+        for body in (b"", b"", _chunks(4096)):
+            proceed.clear()
+            sent = pair.to_client.datagrams
+            method = "GET" if body == b"" else "POST"
+            task = asyncio.create_task(pair.request(method, "example.com", "/", body=body))
+            # Whatever the server sends while the request is held (its ACK, at the
+            # latest when its ack-delay timer fires) would carry the credit.
+            async with asyncio.timeout(TIMEOUT_S):
+                await pair.to_client.watch(lambda n=sent: pair.to_client.datagrams > n).wait()
+            proceed.set()
+            assert (await task).status == 200
+        (trace,) = logger.to_dict()["traces"]
+        frames = [
+            frame
+            for event in trace["events"]
+            if event["name"] == "transport:packet_received"
+            for frame in event["data"]["frames"]
+        ]
+        assert [f for f in frames if f["frame_type"] == "max_stream_data"] == []
+        # The requests did reach their streams and were answered there.
+        answered = {f["stream_id"] for f in frames if f["frame_type"] == "stream" and f["fin"]}
+        assert {0, 4, 8} <= answered
 
     run(main())
 
