@@ -25,16 +25,25 @@ _FLUSH_AT = 256  # lines; past this, write without waiting for the tick to end
 
 _cached_second = -1
 _cached_prefix = ""
+_cached_milli = -1
+_cached_stamp = ""
 
 
 def rfc3339(wall: float) -> str:
-    """``2024-05-01T12:00:00.123Z``; the part up to the seconds is cached per second."""
-    global _cached_second, _cached_prefix
-    second = int(wall)
+    """``2024-05-01T12:00:00.123Z`` (truncated to the millisecond). A busy worker logs
+    many requests per millisecond, so the stamp is kept for its millisecond, and the
+    part up to the seconds for its second."""
+    global _cached_second, _cached_prefix, _cached_milli, _cached_stamp
+    milli = int(wall * 1000.0)
+    if milli == _cached_milli:
+        return _cached_stamp
+    second, rest = divmod(milli, 1000)
     if second != _cached_second:
         _cached_prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
         _cached_second = second
-    return f"{_cached_prefix}.{int((wall - second) * 1000):03d}Z"
+    _cached_milli = milli
+    _cached_stamp = f"{_cached_prefix}.{rest:03d}Z"
+    return _cached_stamp
 
 
 class RequestRecord(Protocol):

@@ -4,12 +4,16 @@ from the request's own context, and route fields never taken from another route.
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
+
+from hypothesis import given
+from hypothesis import strategies as st
 
 from gateway.routing.table import Forward, Origin, Route, WeightedCluster
 from gateway.server.events import RequestHead
 from gateway.stages import RequestContext
-from gateway.telemetry import format_json
+from gateway.telemetry import format_json, rfc3339
 
 
 class _Stream:
@@ -100,3 +104,27 @@ def test_each_route_gets_its_own_fields_even_for_the_same_cluster_and_host() -> 
         for _ in range(2):  # the second line comes from the cache
             ctx = _ctx(route=route, upstream_cluster="c", upstream_host="h:1")
             assert json.loads(format_json(ctx, 100.0))["route"] == label
+
+
+def _stamp(wall: float) -> str:
+    milli = int(wall * 1000.0)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(milli // 1000)) + f".{milli % 1000:03d}Z"
+
+
+@given(
+    st.lists(
+        st.one_of(
+            st.floats(min_value=0, max_value=4_102_444_800, allow_nan=False),
+            # Walls a few microseconds apart: the same millisecond, the next, the
+            # next second.
+            st.integers(min_value=0, max_value=3_000_000).map(lambda us: 1_700_000_000 + us / 1e6),
+        ),
+        min_size=1,
+        max_size=40,
+    )
+)
+def test_start_time_stamps_match_the_wall_clock_whatever_came_before(walls: list[float]) -> None:
+    # The stamp is remembered per millisecond and its prefix per second; a sequence of
+    # walls in any order must still give each one its own stamp.
+    for wall in walls:
+        assert rfc3339(wall) == _stamp(wall)
