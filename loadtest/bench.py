@@ -729,6 +729,17 @@ class Results:
 
         return self.per_round(key, ref, rps_ratio)
 
+    def cpu_ratio(self, key: str, ref: str) -> float | None:
+        """Requests per CPU second of ``key`` over ``ref``'s: what the two could
+        serve with their core saturated, when a load generator, not the gateway,
+        limits the measured rps (the Python HTTP/3 client does)."""
+
+        def per_cpu(a: dict[str, Any], b: dict[str, Any]) -> float | None:
+            mine, theirs = a.get("cpu_ms_per_req"), b.get("cpu_ms_per_req")
+            return theirs / mine if mine and theirs else None
+
+        return self.per_round(key, ref, per_cpu)
+
     def added_ms(self, key: str, ref: str, field_name: str) -> float | None:
         def difference(a: dict[str, Any], b: dict[str, Any]) -> float | None:
             if a.get(field_name) is None or b.get(field_name) is None:
@@ -786,6 +797,13 @@ TARGETS = (
     _at_least("https/meshgate", "https/nginx", "HTTPS HTTP/1.1 vs nginx", 0.5),
     _at_least("h2tls/meshgate", "h2tls/nginx", "HTTP/2 over TLS vs nginx", 0.3),
     _at_least("h3/meshgate", "h2tls/meshgate", "HTTP/3 vs meshgate's HTTP/2", 0.5),
+    Target(
+        "HTTP/3 vs meshgate's HTTP/2, requests per gateway CPU second",
+        ("h3/meshgate", "h2tls/meshgate"),
+        lambda r: r.cpu_ratio("h3/meshgate", "h2tls/meshgate"),
+        "≥ 0.5",
+        lambda v: v >= 0.5,
+    ),
     _at_least("edge/meshgate", "plain/nginx", "edge pipeline vs nginx plain proxy", 0.35),
     _at_least(
         "edge-redis/meshgate",

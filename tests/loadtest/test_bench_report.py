@@ -58,6 +58,27 @@ def test_ratios_are_taken_within_each_round_then_the_median() -> None:
     assert results.median("plain/meshgate", "rps") == 600
 
 
+def test_http3_is_also_compared_per_gateway_cpu_second() -> None:
+    # The Python HTTP/3 client can be what limits the rps; the gateway's CPU per
+    # request says what it could serve with its core saturated.
+    _scenarios, runs = bench.select(["h3"])
+    records = [
+        _record("h2tls/meshgate", 1, 8000, cpu_ms_per_req=0.12),
+        _record("h3/meshgate", 1, 1200, cpu_ms_per_req=0.40),  # 0.15x rps, 0.30x per CPU
+        _record("h2tls/meshgate", 2, 9000, cpu_ms_per_req=0.10),
+        _record("h3/meshgate", 2, 1800, cpu_ms_per_req=0.20),  # 0.20x rps, 0.50x per CPU
+        _record("h2tls/meshgate", 3, 8000, cpu_ms_per_req=0.15),
+        _record("h3/meshgate", 3, 1600, cpu_ms_per_req=0.25),  # 0.20x rps, 0.60x per CPU
+    ]
+    results = bench.Results(records)
+    assert results.cpu_ratio("h3/meshgate", "h2tls/meshgate") == pytest.approx(0.5)
+    lines = bench.targets_table(results, runs, None)
+    by_name = {line.split(" | ")[0].lstrip("| "): line for line in lines if line.startswith("|")}
+    assert "0.20x | ≥ 0.5 | **FAIL**" in by_name["HTTP/3 vs meshgate's HTTP/2"]
+    per_cpu = by_name["HTTP/3 vs meshgate's HTTP/2, requests per gateway CPU second"]
+    assert "0.50x | ≥ 0.5 | pass" in per_cpu
+
+
 def test_targets_table_gives_pass_fail_and_flags_runs_with_errors() -> None:
     _scenarios, runs = bench.select(["plain", "latency"])
     records = [
