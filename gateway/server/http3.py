@@ -32,7 +32,8 @@ from Gateway settings (the caller hands ``QuicCertificate`` objects in).
 
 aioquic private parts used, all in one place (``_QuicTuning``) and pinned by the
 ``aioquic`` version range in ``pyproject.toml``: the per-connection stream-count limit,
-the stream receive-window writer, the sender's unacknowledged byte count, and the TLS
+the stream receive-window writer (and the receiver's final size, known once the client
+has sent FIN or reset the stream), the sender's unacknowledged byte count, and the TLS
 context's ClientHello handler (to read SNI before the certificate is chosen).
 """
 
