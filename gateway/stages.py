@@ -296,7 +296,7 @@ class RequestIdStage:
             elif name == "user-agent":
                 ctx.user_agent = value
         if not request_id:
-            request_id = f"{random.getrandbits(128):032x}"
+            request_id = random.getrandbits(128).to_bytes(16).hex()
             head.headers.append(("x-request-id", request_id))
             head.invalidate()
         ctx.request_id = request_id
@@ -441,7 +441,7 @@ class EdgeHeadersStage:
             headers.append(item)
         ctx.trace_headers = traced
         if not request_id:
-            request_id = f"{random.getrandbits(128):032x}"
+            request_id = random.getrandbits(128).to_bytes(16).hex()
             headers.append(("x-request-id", request_id))
         ctx.request_id = request_id
         peer = head.peer

@@ -191,7 +191,7 @@ class TraceStage:
                 trace_id, parent_id, sampled = b3
                 b3_short = len(trace_id) == 16
         if not trace_id:
-            trace_id = f"{rnd.getrandbits(128):032x}"
+            trace_id = rnd.getrandbits(128).to_bytes(16).hex()
         if sampled is None:
             sampled = rnd.random() < self.sampling
         span_id = f"{rnd.getrandbits(64):016x}"

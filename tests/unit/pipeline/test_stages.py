@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import random
+import re
 from typing import Any
+
+import pytest
 
 from gateway.routing.table import (
     CorsPolicy,
@@ -17,6 +21,7 @@ from gateway.routing.table import (
 from gateway.server.events import RequestHead
 from gateway.stages import (
     CorsStage,
+    EdgeHeadersStage,
     ForwardedHeadersStage,
     HopByHopStage,
     RequestContext,
@@ -65,10 +70,19 @@ def test_client_request_id_is_kept() -> None:
 
 
 def test_missing_request_id_is_generated_as_128_bit_hex() -> None:
-    ctx = _ctx(_head())
-    RequestIdStage().on_request(ctx)
-    assert len(ctx.request_id) == 32 and int(ctx.request_id, 16) >= 0
-    assert ctx.head.header("x-request-id") == ctx.request_id
+    for stage in (RequestIdStage(), EdgeHeadersStage()):
+        ctx = _ctx(_head())
+        stage.on_request(ctx)
+        assert re.fullmatch("[0-9a-f]{32}", ctx.request_id)
+        assert ctx.head.header("x-request-id") == ctx.request_id
+
+
+def test_generated_request_id_keeps_its_leading_zeros(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(random, "getrandbits", lambda bits: 0xABC)
+    for stage in (RequestIdStage(), EdgeHeadersStage()):
+        ctx = _ctx(_head())
+        stage.on_request(ctx)
+        assert ctx.request_id == "0" * 29 + "abc"
 
 
 def test_forwarded_for_appends_peer_and_proto_is_overwritten() -> None:
