@@ -4,37 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from edge_config import compile_edge
 from tls_certs import CA
 
-from gateway.config.load import load_config
-from gateway.routing.compile import compile_snapshot
 from gateway.routing.table import Listener
 from gateway.server.tls import CertificateStore
 
 
 def _listeners(tmp: Path, servers: str) -> list[Listener]:
-    (tmp / "config").mkdir(exist_ok=True)
-    (tmp / "config" / "gateway.yaml").write_text(
-        f"""\
-apiVersion: networking.istio.io/v1
-kind: Gateway
-metadata: {{name: edge, namespace: default}}
-spec:
-  selector: {{istio: ingressgateway}}
-  servers:
-{servers}
----
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {{name: all, namespace: default}}
-spec:
-  hosts: ["*"]
-  gateways: [edge]
-  http:
-    - directResponse: {{status: 200}}
-"""
-    )
-    snapshot = compile_snapshot(load_config([str(tmp / "config")]), {"istio": "ingressgateway"})
+    snapshot = compile_edge(tmp, servers)
     return [listener for listener in snapshot.listeners.values() if listener.tls_servers]
 
 

@@ -12,10 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from edge_config import compile_edge
 from tls_certs import CA
 
-from gateway.config.load import load_config
-from gateway.routing.compile import compile_snapshot
 from gateway.routing.table import Listener
 from gateway.server import altsvc, http3
 from gateway.server.events import DownstreamStream, ResponseHead
@@ -32,31 +31,12 @@ def _free_udp_port() -> int:
 
 
 def _https_listener(tmp: Path, port: int, cert: Path, key: Path) -> Listener:
-    (tmp / "config").mkdir()
-    (tmp / "config" / "gateway.yaml").write_text(
-        f"""\
-apiVersion: networking.istio.io/v1
-kind: Gateway
-metadata: {{name: edge, namespace: default}}
-spec:
-  selector: {{istio: ingressgateway}}
-  servers:
-    - port: {{number: {port}, name: https, protocol: HTTPS}}
-      hosts: [localhost]
-      tls: {{mode: SIMPLE, serverCertificate: {cert}, privateKey: {key}}}
----
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {{name: all, namespace: default}}
-spec:
-  hosts: ["*"]
-  gateways: [edge]
-  http:
-    - directResponse: {{status: 200}}
-"""
+    server = (
+        f"    - port: {{number: {port}, name: https, protocol: HTTPS}}\n"
+        "      hosts: [localhost]\n"
+        f"      tls: {{mode: SIMPLE, serverCertificate: {cert}, privateKey: {key}}}\n"
     )
-    snapshot = compile_snapshot(load_config([str(tmp / "config")]), {"istio": "ingressgateway"})
-    return snapshot.listeners[port]
+    return compile_edge(tmp, server).listeners[port]
 
 
 def _served_port(tmp_path: Path) -> tuple[CA, Any, int, Listener]:

@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 import pytest
 import uvloop
+from edge_config import edge_yaml
 from tls_certs import CA
 
 from gateway.config.load import load_config
@@ -149,24 +150,7 @@ def _free_port() -> int:
 
 
 def _gateway_yaml(port: int, servers: str) -> str:
-    return f"""\
-apiVersion: networking.istio.io/v1
-kind: Gateway
-metadata: {{name: edge, namespace: default}}
-spec:
-  selector: {{istio: ingressgateway}}
-  servers:
-{servers.replace("PORT", str(port))}
----
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {{name: all, namespace: default}}
-spec:
-  hosts: ["*"]
-  gateways: [edge]
-  http:
-    - directResponse: {{status: 200}}
-"""
+    return edge_yaml(servers.replace("PORT", str(port)))
 
 
 def _server(name: str, hosts: str, tls: str) -> str:
