@@ -18,14 +18,23 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
+# The bytecode is compiled here and kept: at run time the root filesystem is
+# read-only and PYTHONDONTWRITEBYTECODE is set, so a module without its .pyc would be
+# compiled from source again by every worker at every start (about 0.6 s and 4 MB of
+# RSS per worker, docs/performance.md, "Bytecode in the image").
 RUN python -m venv /opt/meshgate \
  && /opt/meshgate/bin/pip install . \
  && /opt/meshgate/bin/pip uninstall -y pip \
- && find /opt/meshgate -name '__pycache__' -prune -exec rm -rf {} +
+ && find /opt/meshgate -name '__pycache__' -prune -exec rm -rf {} + \
+ && /opt/meshgate/bin/python -m compileall -q -j 0 /opt/meshgate
 
 # ---- run: the venv and a non-root user, nothing else
 FROM ${PYTHON_IMAGE}
-RUN groupadd --system --gid 10001 meshgate \
+# The base image ships the standard library without its .pyc files; compile them once
+# here, for the reason above (its own site-packages, pip and setuptools, are not used).
+RUN python -m compileall -q -j 0 -x /site-packages/ \
+      "$(python -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')" \
+ && groupadd --system --gid 10001 meshgate \
  && useradd --system --uid 10001 --gid 10001 --no-create-home \
       --home-dir /nonexistent --shell /usr/sbin/nologin meshgate
 COPY --from=build /opt/meshgate /opt/meshgate
