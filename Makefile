@@ -9,7 +9,7 @@
 # The interpreter for .venv: the first of these that is Python 3.11 or newer and can
 # make a venv. The distribution's own CPython (/usr/bin) comes first: Debian and
 # Ubuntu build it with profile-guided and link-time optimisation and link it
-# statically, and meshgate's request path costs about 12 % less CPU on it than on a
+# statically, and meshgate's request path costs 7-12 % less CPU on it than on a
 # pyenv build made without those (docs/performance.md, "The interpreter").
 # `make setup PYTHON=python3.12` (after `make clean`) picks another.
 PYTHON ?= $(shell for p in /usr/bin/python3.13 /usr/bin/python3.12 /usr/bin/python3.11 \

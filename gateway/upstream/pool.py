@@ -412,7 +412,9 @@ class UpstreamPools:
         self._next: dict[str, int] = {}
 
     def pick_endpoint(self, cluster: Cluster) -> Endpoint:
-        """Round-robin over the cluster's endpoints (weights are not applied yet)."""
+        """Round robin over the cluster's endpoints: the lean path's balancer, for a
+        cluster without a traffic policy, whose endpoint weights are all equal. Weighted
+        and configured balancers are ``gateway.upstream.lb``'s (``TrafficForwarder``)."""
         endpoints = cluster.endpoints
         if not endpoints:
             raise NoHealthyUpstream(f"cluster {cluster.name} has no endpoints")
