@@ -533,14 +533,20 @@ class H3Protocol(QuicConnectionProtocol):
         original_limits = quic._write_stream_limits
 
         def write_stream_limits(builder: Any, space: Any, stream: Any) -> None:
+            if stream.receiver._final_size is not None or not stream.max_stream_data_local:
+                # The client has sent FIN (or a reset): it can send nothing more, so
+                # more credit is useless, and RFC 9000 13.3 says to stop sending
+                # MAX_STREAM_DATA. Without this, every bodiless request cost a frame
+                # in the response's packet and an ack to track. No local window at
+                # all: one of our own unidirectional streams, which the client never
+                # sends on (aioquic's writer does nothing for those either). Tested
+                # first, because aioquic calls this for every stream it still holds
+                # on each packet it builds, and a finished request's stream stays
+                # until the client has acknowledged the whole response: most calls
+                # are for those.
+                return
             h3_stream = self._streams.get(stream.stream_id)
-            if h3_stream is not None and stream.max_stream_data_local:
-                if stream.receiver._final_size is not None:
-                    # The client has sent FIN (or a reset): it can send nothing more,
-                    # so more credit is useless, and RFC 9000 13.3 says to stop
-                    # sending MAX_STREAM_DATA. Without this, every bodiless request
-                    # cost a frame in the response's packet and an ack to track.
-                    return
+            if h3_stream is not None:
                 # What the client may send: everything received so far, less what
                 # still waits to be read, plus one window.
                 wanted = (
