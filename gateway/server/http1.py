@@ -30,6 +30,8 @@ from ..errors import (
     HeadersTooLarge,
     RequestHeaderTimeout,
 )
+from ..writebatch import BATCH_MAX_BYTES
+from ..writebatch import gather as gather_write
 from .events import RequestHandler, RequestHead, ResponseHead, StreamReset
 from .settings import ServerSettings
 
@@ -420,6 +422,8 @@ class HTTP1Connection(asyncio.Protocol):
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._head_bytes = 0
+        # Small writes held until the end of a busy loop turn (gateway.writebatch).
+        self._out: list[bytes] | None = None
 
     # -- asyncio.Protocol -----------------------------------------------------------
 
@@ -496,6 +500,7 @@ class HTTP1Connection(asyncio.Protocol):
         # under a stream of short TLS connections that difference is tens of MB.
         self.parser = _CLOSED_PARSER
         self.transport = None
+        self._out = None
         self._active = self._body_target = self._resume_target = None
 
     def pause_writing(self) -> None:
@@ -902,6 +907,7 @@ class HTTP1Connection(asyncio.Protocol):
 
     def _hand_over(self) -> None:
         """This protocol object stops handling the connection."""
+        self.flush()  # what this adapter wrote goes before what the next one writes
         for timer in (self._head_timer, self._idle_timer):
             if timer is not None:
                 timer.cancel()
@@ -931,12 +937,40 @@ class HTTP1Connection(asyncio.Protocol):
     # -- output and flow control ----------------------------------------------------
 
     def write(self, data: bytes) -> None:
-        if not self.closed and self.transport is not None:
-            self.transport.write(data)
+        """A small write that is not the first of its loop turn is held until the
+        end of the turn (``gateway.writebatch``); a large one goes out now, after
+        what is held."""
+        if self.closed or self.transport is None:
+            return
+        out = self._out
+        if len(data) <= BATCH_MAX_BYTES:
+            if out is not None:
+                out.append(data)
+                return
+            if gather_write(self, self.loop):
+                self._out = [data]
+                return
+        elif out is not None:
+            self.flush()
+        self.transport.write(data)
 
     def writelines(self, pieces: list[bytes]) -> None:
-        if not self.closed and self.transport is not None:
-            self.transport.writelines(pieces)
+        if self.closed or self.transport is None:
+            return
+        if self._out is not None:
+            self.flush()
+        self.transport.writelines(pieces)
+
+    def flush(self) -> None:
+        """Hand the held writes to the transport, as one buffer."""
+        out = self._out
+        if out is None:
+            return
+        self._out = None
+        transport = self.transport
+        if self.closed or transport is None or transport.is_closing():
+            return
+        transport.write(out[0] if len(out) == 1 else b"".join(out))
 
     async def drain(self) -> None:
         if self.write_paused and not self.closed:
@@ -975,6 +1009,7 @@ class HTTP1Connection(asyncio.Protocol):
         if self.reading_paused:
             self.reading_paused = False
             transport.resume_reading()
+        self.flush()
         with contextlib.suppress(Exception):
             if transport.can_write_eof():
                 transport.write_eof()
@@ -982,10 +1017,12 @@ class HTTP1Connection(asyncio.Protocol):
 
     def close(self) -> None:
         if self.transport is not None and not self.closed:
+            self.flush()
             self.transport.close()
 
     def abort(self) -> None:
         self.must_close = True
+        self._out = None  # a reset drops what was not sent
         if self.transport is not None and not self.closed:
             self.transport.abort()
 

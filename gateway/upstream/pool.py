@@ -29,6 +29,8 @@ from ..errors import (
     UpstreamReset,
 )
 from ..routing.table import Cluster, Endpoint
+from ..writebatch import BATCH_MAX_BYTES
+from ..writebatch import gather as gather_write
 
 __all__ = ["EndpointPool", "UpstreamConnection", "UpstreamPools"]
 
@@ -55,6 +57,7 @@ class UpstreamConnection(asyncio.Protocol):
         "_drain_waiter",
         "_head_waiter",
         "_interim",
+        "_out",
         "_reading_paused",
         "_write_paused",
         "buffered",
@@ -93,6 +96,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.chunks: deque[bytes] = deque()
         self.buffered = 0
         self._reading_paused = False
+        # Small writes held until the end of a busy loop turn (gateway.writebatch).
+        self._out: list[bytes] | None = None
         self._reset_exchange(False)
 
     def _reset_exchange(self, head_only: bool) -> None:
@@ -162,6 +167,7 @@ class UpstreamConnection(asyncio.Protocol):
         # connection is freed by reference counting, not at the next full collection.
         self.parser = _CLOSED_PARSER
         self.transport = None
+        self._out = None
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -253,8 +259,33 @@ class UpstreamConnection(asyncio.Protocol):
         self.exchanges += 1
 
     def write(self, data: bytes) -> None:
-        if self.transport is not None and not self.closed:
-            self.transport.write(data)
+        """A small write (a request head, a small body) that is not the first of its
+        loop turn is held until the end of the turn (``gateway.writebatch``); a large
+        one goes out now, after what is held."""
+        if self.transport is None or self.closed:
+            return
+        out = self._out
+        if len(data) <= BATCH_MAX_BYTES:
+            if out is not None:
+                out.append(data)
+                return
+            if gather_write(self, self.loop):
+                self._out = [data]
+                return
+        elif out is not None:
+            self.flush()
+        self.transport.write(data)
+
+    def flush(self) -> None:
+        """Hand the held writes to the transport, as one buffer."""
+        out = self._out
+        if out is None:
+            return
+        self._out = None
+        transport = self.transport
+        if self.closed or transport is None or transport.is_closing():
+            return
+        transport.write(out[0] if len(out) == 1 else b"".join(out))
 
     async def drain(self) -> None:
         """Wait while the upstream is not reading what was written."""
@@ -333,6 +364,8 @@ class UpstreamConnection(asyncio.Protocol):
             self.close()
 
     def close(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.flush()
         self.closed = True
         if self.transport is not None:
             self.transport.close()
