@@ -23,9 +23,9 @@ first of their turn.
 from __future__ import annotations
 
 import asyncio
-from typing import Protocol
+from typing import Any, Protocol
 
-__all__ = ["BATCH_MAX_BYTES", "Batched", "gather"]
+__all__ = ["BATCH_MAX_BYTES", "Batched", "HeldWrites", "gather"]
 
 # Writes up to this size may be held; a larger one (a body chunk) goes out at once,
 # after what the connection holds, so back-pressure stays immediate.
@@ -62,3 +62,44 @@ def _end_turn(loop: asyncio.AbstractEventLoop) -> None:
     if turn is not None:
         for conn in turn[1]:
             conn.flush()
+
+
+class HeldWrites:
+    """``write`` and ``flush`` for a connection protocol with ``transport``,
+    ``closed``, ``loop`` and ``_out`` (the held writes, None when there are none):
+    the HTTP/1.1 downstream and upstream connections share them."""
+
+    __slots__ = ()
+
+    transport: Any
+    closed: bool
+    loop: asyncio.AbstractEventLoop
+    _out: list[bytes] | None
+
+    def write(self, data: bytes) -> None:
+        """A small write that is not the first of its loop turn is held until the
+        end of the turn; a large one goes out now, after what is held."""
+        if self.closed or self.transport is None:
+            return
+        out = self._out
+        if len(data) <= BATCH_MAX_BYTES:
+            if out is not None:
+                out.append(data)
+                return
+            if gather(self, self.loop):
+                self._out = [data]
+                return
+        elif out is not None:
+            self.flush()
+        self.transport.write(data)
+
+    def flush(self) -> None:
+        """Hand the held writes to the transport, as one buffer."""
+        out = self._out
+        if out is None:
+            return
+        self._out = None
+        transport = self.transport
+        if self.closed or transport is None or transport.is_closing():
+            return
+        transport.write(out[0] if len(out) == 1 else b"".join(out))

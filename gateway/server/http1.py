@@ -30,8 +30,7 @@ from ..errors import (
     HeadersTooLarge,
     RequestHeaderTimeout,
 )
-from ..writebatch import BATCH_MAX_BYTES
-from ..writebatch import gather as gather_write
+from ..writebatch import HeldWrites
 from .events import RequestHandler, RequestHead, ResponseHead, StreamReset
 from .settings import ServerSettings
 
@@ -373,7 +372,7 @@ class H1Stream:
         self.conn.response_complete(self)
 
 
-class HTTP1Connection(asyncio.Protocol):
+class HTTP1Connection(HeldWrites, asyncio.Protocol):
     """One downstream HTTP/1.1 connection."""
 
     def __init__(
@@ -936,41 +935,12 @@ class HTTP1Connection(asyncio.Protocol):
 
     # -- output and flow control ----------------------------------------------------
 
-    def write(self, data: bytes) -> None:
-        """A small write that is not the first of its loop turn is held until the
-        end of the turn (``gateway.writebatch``); a large one goes out now, after
-        what is held."""
-        if self.closed or self.transport is None:
-            return
-        out = self._out
-        if len(data) <= BATCH_MAX_BYTES:
-            if out is not None:
-                out.append(data)
-                return
-            if gather_write(self, self.loop):
-                self._out = [data]
-                return
-        elif out is not None:
-            self.flush()
-        self.transport.write(data)
-
     def writelines(self, pieces: list[bytes]) -> None:
         if self.closed or self.transport is None:
             return
         if self._out is not None:
             self.flush()
         self.transport.writelines(pieces)
-
-    def flush(self) -> None:
-        """Hand the held writes to the transport, as one buffer."""
-        out = self._out
-        if out is None:
-            return
-        self._out = None
-        transport = self.transport
-        if self.closed or transport is None or transport.is_closing():
-            return
-        transport.write(out[0] if len(out) == 1 else b"".join(out))
 
     async def drain(self) -> None:
         if self.write_paused and not self.closed:

@@ -29,8 +29,7 @@ from ..errors import (
     UpstreamReset,
 )
 from ..routing.table import Cluster, Endpoint
-from ..writebatch import BATCH_MAX_BYTES
-from ..writebatch import gather as gather_write
+from ..writebatch import HeldWrites
 
 __all__ = ["EndpointPool", "UpstreamConnection", "UpstreamPools"]
 
@@ -44,7 +43,7 @@ class _Unsolicited(Exception):
     """Raised from the parser's callback: stops parsing a response nobody asked for."""
 
 
-class UpstreamConnection(asyncio.Protocol):
+class UpstreamConnection(HeldWrites, asyncio.Protocol):
     """One TCP connection to an endpoint, carrying one exchange at a time.
 
     Life of an exchange: ``begin(head_only)``, ``write(...)``/``drain()`` for the
@@ -257,35 +256,6 @@ class UpstreamConnection(asyncio.Protocol):
         self._reset_exchange(head_only)
         self.expecting = True
         self.exchanges += 1
-
-    def write(self, data: bytes) -> None:
-        """A small write (a request head, a small body) that is not the first of its
-        loop turn is held until the end of the turn (``gateway.writebatch``); a large
-        one goes out now, after what is held."""
-        if self.transport is None or self.closed:
-            return
-        out = self._out
-        if len(data) <= BATCH_MAX_BYTES:
-            if out is not None:
-                out.append(data)
-                return
-            if gather_write(self, self.loop):
-                self._out = [data]
-                return
-        elif out is not None:
-            self.flush()
-        self.transport.write(data)
-
-    def flush(self) -> None:
-        """Hand the held writes to the transport, as one buffer."""
-        out = self._out
-        if out is None:
-            return
-        self._out = None
-        transport = self.transport
-        if self.closed or transport is None or transport.is_closing():
-            return
-        transport.write(out[0] if len(out) == 1 else b"".join(out))
 
     async def drain(self) -> None:
         """Wait while the upstream is not reading what was written."""
