@@ -3,11 +3,12 @@
 What it owns: deciding, for each small write a connection makes (a request head for
 an upstream, a whole small response for a client), whether it goes to the transport
 now or waits in the connection's own list until the end of the loop turn, and
-calling every waiting connection's ``flush`` then, in the order they first waited.
-The first small write of a turn goes out at once; the ones after it in the same turn
-wait. What it leaves to the connections: keeping their list, deciding what is small
-(``BATCH_MAX_BYTES``), and flushing it themselves before a large write, a close, a
-``write_eof`` or a hand-over of the transport, and dropping it on a reset.
+calling every waiting connection's ``flush`` then, in the order they first waited;
+and ``HeldWrites``, the ``write``/``flush`` pair both HTTP/1.1 connection classes use
+(a write over ``BATCH_MAX_BYTES`` goes out at once, after what is held). The first
+small write of a turn goes out at once; the ones after it in the same turn wait.
+What it leaves to the connections: flushing before a close, a ``write_eof`` or a
+hand-over of the transport, and dropping what is held on a reset.
 
 Why: uvloop already sends the writes of one turn together, after every I/O callback
 of that turn. Under load, holding the writes after the first one for one more turn
