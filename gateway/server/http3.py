@@ -30,11 +30,12 @@ same port (the TLS listeners), binding the UDP socket, advertising it and loadin
 this module on first use (``gateway.server.quicports``), reading certificate files
 from Gateway settings (the caller hands ``QuicCertificate`` objects in).
 
-aioquic private parts used, all in one place (``_QuicTuning``) and pinned by the
+aioquic private parts used, all in one section of ``H3Protocol`` and pinned by the
 ``aioquic`` version range in ``pyproject.toml``: the per-connection stream-count limit,
 the stream receive-window writer (and the receiver's final size, known once the client
-has sent FIN or reset the stream), the sender's unacknowledged byte count, and the TLS
-context's ClientHello handler (to read SNI before the certificate is chosen).
+has sent FIN or reset the stream), the sender's unacknowledged byte count, the TLS
+context's ClientHello handler (to read SNI before the certificate is chosen), and the
+TLS output buffers (freed once the handshake is complete).
 """
 
 from __future__ import annotations
@@ -602,6 +603,18 @@ class H3Protocol(QuicConnectionProtocol):
 
         tls._server_handle_hello = server_handle_hello
 
+    def _drop_handshake_buffers(self) -> None:
+        """Free aioquic's three TLS output buffers (16 KiB each, otherwise kept for
+        the connection's life) once the handshake is complete: 48 KiB a connection.
+
+        On a server, aioquic reports completion after the client's Finished has been
+        handled and what TLS wrote in reply (the session ticket, at 1-RTT) has been
+        moved into the crypto streams, which keep it for retransmission. From then on
+        aioquic's TLS state machine writes nothing: a later handshake message is
+        refused with an alert before any buffer is looked at. The buffers are only
+        iterated, so an empty mapping is all aioquic needs."""
+        self._quic._crypto_buffers = {}
+
     def _window_opened(self, stream: H3Stream) -> None:
         """The pipeline read body: when that frees a good part of a window, send the
         MAX_STREAM_DATA soon rather than with the next datagram, since a client that
@@ -653,6 +666,8 @@ class H3Protocol(QuicConnectionProtocol):
         if isinstance(event, quic_events.ConnectionTerminated):
             self._connection_gone()
             return
+        if isinstance(event, quic_events.HandshakeCompleted):
+            self._drop_handshake_buffers()
         if isinstance(event, quic_events.StreamReset):
             stream = self._streams.get(event.stream_id)
             if stream is not None:

@@ -16,14 +16,24 @@ Certificates are read when the port wakes, so rotations before that need nothing
 after it, ``refresh`` hands rotated ones to the live QUIC server. A port whose
 certificates cannot be made into QUIC ones when it wakes withdraws its ``alt-svc``
 and drops QUIC datagrams (clients fall back to TCP), with an error on the log.
+
+aioquic's TLS module imports ``service_identity`` and pyOpenSSL at its top, about
+2.7 MB of a worker, for one purpose: checking a *peer's* certificate, which a QUIC
+server that asks for no client certificate never does. The loader below imports it
+with both bound to stand-ins that import the real package on first use, so a
+verifying client in the same process (``gateway.server.h3client``) still gets the
+real thing.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import logging
 import socket
+import sys
+import types
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -49,6 +59,47 @@ def widen_socket_buffers(transport: asyncio.BaseTransport) -> None:
     for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, option, UDP_SOCKET_BUFFER_BYTES)
+
+
+class _ImportedOnUse(types.ModuleType):
+    """Stands for a module in another module's globals: the first attribute read
+    imports the real module (by name, through ``sys.modules``) and answers from it."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            # The import system probing a module (``__path__``, ``__file__``...):
+            # answered as for a plain module, without importing anything.
+            raise AttributeError(name)
+        return getattr(importlib.import_module(self.__name__), name)
+
+
+# What aioquic.tls imports only to verify a peer's certificate (its
+# ``verify_certificate``): module name -> the attributes its ``from`` imports take.
+_VERIFY_ONLY: dict[str, tuple[str, ...]] = {"service_identity": (), "OpenSSL": ("crypto",)}
+
+
+def import_aioquic_tls() -> None:
+    """Import ``aioquic.tls`` with its verify-only packages deferred (module notes).
+
+    Nothing happens when it is already imported, or when one of those packages is:
+    then the memory is spent anyway and the plain import is the simpler one."""
+    if "aioquic.tls" in sys.modules or any(name in sys.modules for name in _VERIFY_ONLY):
+        return
+    stand_ins: dict[str, types.ModuleType] = {}
+    for name, submodules in _VERIFY_ONLY.items():
+        stand_in = _ImportedOnUse(name)
+        for sub in submodules:
+            setattr(stand_in, sub, _ImportedOnUse(f"{name}.{sub}"))
+        stand_ins[name] = stand_in
+    sys.modules.update(stand_ins)
+    try:
+        importlib.import_module("aioquic.tls")
+    finally:
+        # Out of the registry again: a later ``import OpenSSL`` anywhere gets the real
+        # package, and so do the stand-ins aioquic.tls keeps in its globals.
+        for name, stand_in in stand_ins.items():
+            if sys.modules.get(name) is stand_in:
+                del sys.modules[name]
 
 
 class QuicPort(asyncio.DatagramProtocol):
@@ -175,6 +226,7 @@ class HTTP3Listeners:
 
     def _wake(self, port: QuicPort) -> None:
         """The first datagram on ``port``: load HTTP/3 and give it the socket."""
+        import_aioquic_tls()
         from . import http3  # aioquic and cryptography: the memory this module defers
 
         wanted = self._servable.get(port.number, set())

@@ -408,6 +408,24 @@ def test_no_stream_credit_is_sent_once_the_request_has_ended(ca: Authority) -> N
     run(main())
 
 
+def test_tls_output_buffers_are_freed_once_the_handshake_is_complete(ca: Authority) -> None:
+    # aioquic keeps three 16 KiB buffers per connection for TLS output; a server
+    # writes nothing more there after the handshake, so they go, and the connection
+    # serves requests as before.
+    async def main() -> None:
+        pair = Pair(echo, [ca.quic_certificate("example.com")], ca.pem)
+        await pair.connect()
+        assert (await pair.request("GET", "example.com", "/one")).status == 200
+        assert pair.protocol._quic._crypto_buffers == {}
+        assert pair.client._quic._crypto_buffers != {}  # a client's are left alone
+        for path in ("/two", "/three"):
+            response = await pair.request("POST", "example.com", path, body=b"x" * 5000)
+            assert response.status == 200
+            assert json.loads(response.body)["path"] == path
+
+    run(main())
+
+
 def test_too_many_headers_get_431_and_the_connection_stays_up(ca: Authority) -> None:
     async def main() -> None:
         settings = ServerSettings(max_request_headers=5, max_request_header_bytes=2048)

@@ -8,6 +8,8 @@ import asyncio
 import logging
 import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +84,54 @@ def test_port_is_advertised_at_once_and_serves_http3_from_its_first_datagram(
         assert port not in altsvc.ADVERTISED
 
     asyncio.run(main())
+
+
+# In a fresh interpreter: load the HTTP/3 stack as a waking port does, then make
+# aioquic verify a certificate, which is the one thing its TLS module wants
+# service_identity and pyOpenSSL for.
+_LEAN_IMPORT_CHECK = """
+import sys
+from cryptography import x509
+from gateway.server.quicports import import_aioquic_tls
+import_aioquic_tls()
+from gateway.server import http3  # noqa: F401
+from aioquic import tls
+verify_only = ("service_identity", "OpenSSL", "OpenSSL.crypto")
+print(sorted(m for m in verify_only if m in sys.modules))
+leaf = x509.load_pem_x509_certificate(open(sys.argv[1], "rb").read())
+ca = open(sys.argv[2], "rb").read()
+tls.verify_certificate(leaf, server_name="localhost", cadata=ca)
+for server_name, cadata in (("elsewhere.example", ca), ("localhost", None)):
+    try:
+        tls.verify_certificate(leaf, server_name=server_name, cadata=cadata)
+    except tls.AlertBadCertificate as exc:
+        print("refused:", exc)
+print(sorted(m for m in verify_only if m in sys.modules))
+"""
+
+
+def test_http3_stack_loads_without_the_packages_only_verification_needs(
+    tmp_path: Path,
+) -> None:
+    ca = CA(tmp_path)
+    leaf = ca.issue("leaf", dns=("localhost",))
+    done = subprocess.run(
+        [sys.executable, "-c", _LEAN_IMPORT_CHECK, str(leaf.cert), str(ca.path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parents[3],
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    # Not imported by loading the stack...
+    assert lines[0] == "[]"
+    # ...but the real ones answer when aioquic does verify: a wrong name (through
+    # service_identity) and an unknown issuer (through pyOpenSSL's store) refused,
+    # the right name under the right CA accepted.
+    assert lines[1].startswith("refused:") and "elsewhere.example" in lines[1]
+    assert lines[2].startswith("refused:") and "elsewhere.example" not in lines[2]
+    assert lines[3] == "['OpenSSL', 'OpenSSL.crypto', 'service_identity']"
 
 
 @pytest.mark.parametrize("failure", ["certificate", "start"])
