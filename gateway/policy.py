@@ -70,6 +70,10 @@ GRPC_STATUS_CODES: Mapping[str, int] = {
 _RETRIABLE_4XX = frozenset({409})
 # Envoy's gateway-error: the statuses a proxy answers when its upstream failed.
 _GATEWAY_ERRORS = frozenset({502, 503, 504})
+# Failures before a response head that Envoy handles as upstream resets: connect
+# failure, reset, per-try timeout, a malformed response (UPE), a refused stream. An
+# overflow (UO) is not one.
+_RESET_FLAGS = frozenset({"UF", "UR", "UT", "UPE", "REFUSED"})
 # Request bodies up to this size are kept so a retry can replay them; a longer body
 # is streamed once and its request is not retried (Envoy's per_request_buffer_limit
 # plays this part).
@@ -128,17 +132,20 @@ class RetryPolicy:
 
     def retry_on_error(self, flag: str) -> bool:
         """True when a failure before the response head (by its response flag:
-        UF connect failure, UR reset, UT per-try timeout, URX refused) is retriable."""
+        UF connect failure, UR reset, UT per-try timeout, UPE malformed response,
+        REFUSED a refused HTTP/2 stream) is retriable.
+
+        Envoy sees each of these as a stream reset with a reason, and its
+        ``wouldRetryFromReset`` retries any reset under ``reset``, ``5xx`` and
+        ``gateway-error`` ("does not respond at all (disconnect/reset/read
+        timeout)"); ``connect-failure`` and ``refused-stream`` only their own
+        reason. An overflow (UO) is never retried."""
+        if self.on_reset or self.on_5xx or self.on_gateway_error:
+            return flag in _RESET_FLAGS
         if flag == "UF":
-            # Envoy counts a connect failure under 5xx and gateway-error too.
-            return self.on_connect_failure or self.on_5xx or self.on_gateway_error
-        if flag == "UR":
-            return self.on_reset or self.on_5xx or self.on_gateway_error
-        if flag == "UT":
-            # A per-try timeout is a 504 to the retry logic.
-            return self.on_5xx or self.on_gateway_error
+            return self.on_connect_failure
         if flag == "REFUSED":
-            return self.on_refused_stream or self.on_reset
+            return self.on_refused_stream
         return False
 
 
@@ -311,6 +318,12 @@ class OutlierPolicy:
     interval_s: float = 10.0
     base_ejection_s: float = 30.0
     max_ejection_percent: int = 10
+    # Envoy's max_ejection_time, which Istio leaves at its default: 300 s, or the base
+    # ejection time when that is longer.
+    max_ejection_s: float = 300.0
+    # Istio's minHealthPercent, Envoy's healthy_panic_threshold: below this share of
+    # healthy endpoints the balancer uses all of them. 0 (Istio's default): never.
+    min_health_percent: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -388,15 +401,27 @@ def _limits(spec: Mapping[str, Any]) -> ConnectionLimits | None:
 
 
 def _outlier(spec: Mapping[str, Any]) -> OutlierPolicy | None:
-    # consecutiveErrors is Istio's deprecated spelling of consecutive5xxErrors.
-    five = spec.get("consecutive5xxErrors", spec.get("consecutiveErrors", 5))
-    gateway = spec.get("consecutiveGatewayErrors", 0)
+    # The deprecated consecutiveErrors counts gateway errors only: Istio turns it into
+    # Envoy's consecutive_gateway_failure and stops enforcing consecutive_5xx ("Only
+    # listen to gateway errors", istio/api#617); consecutive5xxErrors and
+    # consecutiveGatewayErrors, when given, override it.
+    legacy = spec.get("consecutiveErrors")
+    if isinstance(legacy, int) and legacy > 0:
+        default_five, default_gateway = 0, legacy
+    else:
+        default_five, default_gateway = 5, 0
+    five = spec.get("consecutive5xxErrors", default_five)
+    gateway = spec.get("consecutiveGatewayErrors", default_gateway)
+    base_s = _seconds(spec.get("baseEjectionTime")) or 30.0
+    min_health = spec.get("minHealthPercent", 0)
     policy = OutlierPolicy(
-        consecutive_5xx=five if isinstance(five, int) else 5,
-        consecutive_gateway=gateway if isinstance(gateway, int) else 0,
+        consecutive_5xx=five if isinstance(five, int) else default_five,
+        consecutive_gateway=gateway if isinstance(gateway, int) else default_gateway,
         interval_s=_seconds(spec.get("interval")) or 10.0,
-        base_ejection_s=_seconds(spec.get("baseEjectionTime")) or 30.0,
+        base_ejection_s=base_s,
         max_ejection_percent=int(spec.get("maxEjectionPercent", 10)),
+        max_ejection_s=max(300.0, base_s),
+        min_health_percent=min_health if isinstance(min_health, int) else 0,
     )
     if policy.consecutive_5xx <= 0 and policy.consecutive_gateway <= 0:
         return None

@@ -50,7 +50,7 @@ from .routing.table import (
 )
 from .server.altsvc import ADVERTISED, add_alt_svc, alt_svc_header
 from .server.events import DownstreamStream, RequestHead, ResponseHead
-from .traffic import TrafficForwarder
+from .traffic import TrafficForwarder, within_route_timeout
 from .upstream.pool import EndpointPool, UpstreamConnection, UpstreamPools
 
 __all__ = [
@@ -790,7 +790,7 @@ class UpstreamStage:
                 else:
                     await ctx.send_head(response, True)
             else:
-                await self._relay(ctx, conn, response)
+                await within_route_timeout(self._relay(ctx, conn, response), ctx, started)
             if sent_all:
                 conn.finish()
             else:
@@ -816,11 +816,16 @@ class UpstreamStage:
                 break
 
     async def _relay_rest(
-        self, ctx: RequestContext, conn: UpstreamConnection, response: ResponseHead
+        self,
+        ctx: RequestContext,
+        conn: UpstreamConnection,
+        response: ResponseHead,
+        started: float,
     ) -> None:
-        """The rest of a callback-driven exchange whose body is still coming."""
+        """The rest of a callback-driven exchange whose body is still coming;
+        ``started``: when the exchange began (``perf_counter``)."""
         try:
-            await self._relay(ctx, conn, response)
+            await within_route_timeout(self._relay(ctx, conn, response), ctx, started)
             conn.finish()
             conn = None  # type: ignore[assignment]
         finally:
@@ -980,7 +985,7 @@ class _Exchange:
             status = conn.status
             if not (self.head_only or conn.message_done):
                 response = ResponseHead(status, self.stage._response_headers(ctx, conn.headers))
-                self.resume(ctx, self.stage._relay_rest(ctx, conn, response))
+                self.resume(ctx, self.stage._relay_rest(ctx, conn, response, self.started))
                 return
             body = b"" if self.head_only else conn.take_body()
             route = ctx.route

@@ -36,7 +36,7 @@ import secrets
 import ssl
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
@@ -78,46 +78,85 @@ _MIRROR_TIMEOUT_S = 10.0
 _FAULT_ABORT_BODY = b"fault filter abort"
 
 
-class _ClusterPool(EndpointPool):
-    """An endpoint pool that also keeps its cluster's connection count, drops
-    connections idle for too long and retires them after maxRequestsPerConnection."""
+async def within_route_timeout(
+    step: Coroutine[Any, Any, None], ctx: RequestContext, started: float
+) -> None:
+    """Run ``step``, the rest of a response after its head, within what is left of
+    the route ``timeout`` that began at ``started`` (``perf_counter``).
 
-    __slots__ = ("cluster", "idle_since", "state", "tls")
+    Envoy's route timeout lasts until the whole response has been received, not
+    just its head: a body still arriving when the time is up is cut off (the
+    client's stream is reset, since its head is out) and logged ``UT``."""
+    forward = ctx.forward
+    timeout_s = forward.timeout_s if forward is not None else None
+    if not timeout_s:
+        await step
+        return
+    budget = asyncio.timeout(max(0.0, timeout_s - (perf_counter() - started)))
+    try:
+        async with budget:
+            await step
+    except TimeoutError as exc:
+        if not budget.expired():
+            raise
+        raise UpstreamTimeout(f"response not complete within {timeout_s}s") from exc
+
+
+class _ClusterPool(EndpointPool):
+    """An endpoint pool that also keeps its cluster's connection count, closes
+    connections idle for idleTimeout and retires them after maxRequestsPerConnection."""
+
+    __slots__ = ("cluster", "idle_timers", "state", "tls")
 
     def __init__(self, cluster: ClusterState, state: EndpointState) -> None:
         super().__init__(state.address, state.port, 1024)
         self.cluster = cluster
         self.state = state
         self.host_label = state.host_label
-        self.idle_since: dict[int, float] = {}
+        # id(connection) -> the timer that closes it once idle for idleTimeout.
+        self.idle_timers: dict[int, asyncio.TimerHandle] = {}
 
     def take_idle(self) -> UpstreamConnection | None:
-        idle_timeout = self.cluster.idle_timeout_s
-        while True:
-            conn = super().take_idle()
-            if conn is None:
-                return None
-            since = self.idle_since.pop(id(conn), None)
-            if idle_timeout and since is not None and time.monotonic() - since > idle_timeout:
-                conn.close()
-                continue
-            return conn
+        conn = super().take_idle()
+        if conn is not None and self.idle_timers:
+            timer = self.idle_timers.pop(id(conn), None)
+            if timer is not None:
+                timer.cancel()
+        return conn
 
     def put_idle(self, conn: UpstreamConnection) -> None:
         limit = self.cluster.max_requests_per_connection
         if limit and conn.exchanges >= limit:
             conn.close()
             return
-        self.idle_since[id(conn)] = time.monotonic()
         super().put_idle(conn)
+        idle_timeout = self.cluster.idle_timeout_s
+        if idle_timeout and not conn.closed:
+            # Envoy closes an upstream connection that has had no active request for
+            # idle_timeout (Istio's connectionPool.http.idleTimeout), rather than
+            # keeping the socket open until it is next wanted.
+            self.idle_timers[id(conn)] = conn.loop.call_later(idle_timeout, self._close_idle, conn)
         self.cluster.wake_one()
+
+    def _close_idle(self, conn: UpstreamConnection) -> None:
+        self.idle_timers.pop(id(conn), None)
+        if conn in self.idle:
+            conn.close()  # connection_lost takes it out of the pool and the count
 
     def discard(self, conn: UpstreamConnection) -> None:
         # connection_lost calls this exactly once per connection.
         super().discard(conn)
-        self.idle_since.pop(id(conn), None)
+        timer = self.idle_timers.pop(id(conn), None)
+        if timer is not None:
+            timer.cancel()
         self.cluster.connections -= 1
         self.cluster.wake_one()
+
+    def close(self) -> None:
+        for timer in self.idle_timers.values():
+            timer.cancel()
+        self.idle_timers.clear()
+        super().close()
 
 
 class ClusterState:
@@ -211,12 +250,21 @@ class ClusterState:
             detector.refresh(time.monotonic())
             version = detector.version
             healthy = [e for e in endpoints if e.healthy]
-            if not healthy:
-                # Istio sets no panic threshold (minHealthPercent 0): with every
+            panic = detector.policy.min_health_percent
+            if panic and len(healthy) * 100 < len(endpoints) * panic:
+                # Envoy's panic mode (Istio's minHealthPercent is its
+                # healthy_panic_threshold): too few healthy endpoints, so balance over
+                # all of them, ejected or not.
+                healthy = endpoints
+                version = -2 - version  # another set than any healthy one
+            elif not healthy:
+                # Istio's default minHealthPercent, 0, turns panic mode off: with every
                 # endpoint ejected there is nobody to send to.
                 raise NoHealthyUpstream(f"every endpoint of {self.name} is ejected")
-        if avoid is not None and len(healthy) > 1:
-            # Istio's default retry host predicate: not the host that just failed.
+        if avoid is not None and len(healthy) > 1 and not self.balancer.needs_key:
+            # Istio's default retry host predicate: not the host that just failed. It
+            # leaves it out for consistent hashing, where a retry goes to the key's
+            # endpoint again (DefaultConsistentHashPolicy).
             others = [e for e in healthy if e is not avoid]
             return self.balancer.pick(others, key, version + 1_000_003)
         return self.balancer.pick(healthy, key, version)
@@ -563,16 +611,22 @@ class TrafficForwarder:
         timeout_s = ctx.forward.timeout_s
         started = perf_counter()
         if timeout_s:
+            # The endpoint of the try under way, for outlier detection: Envoy counts
+            # the route timeout cutting a try short as that endpoint's local-origin
+            # timeout, like a per-try timeout.
+            trying: list[EndpointState] | None = [] if state.detector is not None else None
             try:
                 async with asyncio.timeout(timeout_s):
-                    conn, endpoint = await self._attempts(ctx, state, retry, body)
+                    conn, endpoint = await self._attempts(ctx, state, retry, body, trying)
             except TimeoutError as exc:
+                if trying and state.detector is not None:
+                    state.detector.record_local_failure(trying[0], time.monotonic())
                 raise UpstreamTimeout(f"no response head within {timeout_s}s") from exc
         else:
             conn, endpoint = await self._attempts(ctx, state, retry, body)
         ctx.upstream_ms = (perf_counter() - started) * 1000.0
         try:
-            await self._respond(ctx, state, conn)
+            await within_route_timeout(self._respond(ctx, state, conn), ctx, started)
         finally:
             endpoint.active_requests -= 1
             state.active_requests -= 1
@@ -640,7 +694,10 @@ class TrafficForwarder:
         state: ClusterState,
         retry: RetryPolicy | None,
         body: _Body | None,
+        trying: list[EndpointState] | None = None,
     ) -> tuple[Any, EndpointState]:
+        """Pick, send, await the head; again while the retry policy allows. ``trying``,
+        when given, holds the endpoint of the try under way (empty between tries)."""
         key: int | None = None
         cookie: str | None = None
         if state.balancer.needs_key:
@@ -663,6 +720,8 @@ class TrafficForwarder:
             ctx.upstream_host = pool.host_label
             endpoint.active_requests += 1
             state.active_requests += 1
+            if trying is not None:
+                trying.append(endpoint)
             replayable = body is None or (body.replayable and body.complete)
             try:
                 exchange = self._exchange_h2 if state.traffic.http2 else self._exchange
@@ -677,6 +736,8 @@ class TrafficForwarder:
             except GatewayError as error:
                 endpoint.active_requests -= 1
                 state.active_requests -= 1
+                if trying:
+                    trying.clear()  # counted here, if at all
                 is_refused = refused(error)
                 if error.flag in ("UF", "UR", "UT") and not is_refused and state.detector:
                     state.detector.record_local_failure(endpoint, time.monotonic())
@@ -701,6 +762,8 @@ class TrafficForwarder:
             status = conn.status
             if state.detector is not None:
                 state.detector.record_status(endpoint, status, time.monotonic())
+            if trying:
+                trying.clear()  # its answer is in: counted above
             if retry is not None and retry.retry_on_status(status):
                 if retries_left > 0 and replayable:
                     conn.close()
@@ -716,8 +779,9 @@ class TrafficForwarder:
             return conn, endpoint
 
     def _backoff(self, attempt: int) -> float:
-        # Envoy: fully jittered exponential back-off, capped at ten times the base.
-        ceiling = min(_RETRY_BASE_S * (2 ** (attempt - 1)), _RETRY_BASE_S * 10)
+        # Envoy: "given a base interval B and retry number N, the back-off for the retry
+        # is in the range [0, (2^N-1)B)", the bound capped at ten times the base.
+        ceiling = min(_RETRY_BASE_S * (2**attempt - 1), _RETRY_BASE_S * 10)
         return self.rnd.uniform(0, ceiling)
 
     async def _exchange(
@@ -766,8 +830,10 @@ class TrafficForwarder:
             except UpstreamReset:
                 conn.close()
                 # An idle pooled connection closed under us: the request never got
-                # there, so a fresh connection may be tried once (as the lean path does).
-                replayable = body is not None or no_body
+                # there, so a fresh connection may be tried once (as the lean path does),
+                # but only with a body meshgate holds whole. A streamed body has been
+                # read from the client by now and cannot be sent again.
+                replayable = no_body or (body is not None and body.complete)
                 if attempt == 0 and reused and replayable and not conn.received_any:
                     continue
                 raise

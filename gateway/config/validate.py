@@ -780,7 +780,6 @@ def _check_outlier_detection(r: _Report, op: str, outlier: OutlierDetection) -> 
     for name, value in (
         ("splitExternalLocalOriginErrors", outlier.split_external_local_origin_errors),
         ("consecutiveLocalOriginFailures", outlier.consecutive_local_origin_failures),
-        ("minHealthPercent", outlier.min_health_percent),
     ):
         if value is not None:
             r.warn(f"{op}.{name}", NOT_ENFORCED)
