@@ -118,6 +118,12 @@ class RetryPolicy:
     on_refused_stream: bool = False
     retriable_status_codes: frozenset[int] = frozenset()
     remote_localities: bool = False  # parsed; meshgate has no localities to prefer
+    # Istio's retryIgnorePreviousHosts (default true): a retry avoids the endpoint
+    # that failed, when the cluster has another (Envoy's previous_hosts predicate).
+    ignore_previous_hosts: bool = True
+    # Istio's backoff: Envoy's base interval (25 ms by default); the back-off before
+    # retry N is random in [0, (2^N - 1) x base), at most ten times the base.
+    backoff_s: float = 0.025
     buffer_limit_bytes: int = DEFAULT_RETRY_BUFFER_BYTES
     unknown_conditions: tuple[str, ...] = ()  # gRPC ones etc., kept for the dump
 
@@ -210,6 +216,8 @@ def _retry(spec: Mapping[str, Any]) -> RetryPolicy | None:
         per_try_timeout_s=_seconds(spec.get("perTryTimeout")) or None,
         retriable_status_codes=frozenset(codes),
         remote_localities=bool(spec.get("retryRemoteLocalities")),
+        ignore_previous_hosts=spec.get("retryIgnorePreviousHosts") is not False,
+        backoff_s=_seconds(spec.get("backoff")) or 0.025,
         unknown_conditions=tuple(unknown),
         **flags,
     )

@@ -749,8 +749,8 @@ class TrafficForwarder:
                 ):
                     retries_left -= 1
                     attempt += 1
-                    previous = endpoint
-                    await asyncio.sleep(self._backoff(attempt))
+                    previous = endpoint if retry.ignore_previous_hosts else None
+                    await asyncio.sleep(self._backoff(attempt, retry.backoff_s))
                     continue
                 if retry is not None and retries_left == 0 and attempt:
                     ctx.add_flag("URX")
@@ -771,17 +771,18 @@ class TrafficForwarder:
                     state.active_requests -= 1
                     retries_left -= 1
                     attempt += 1
-                    previous = endpoint
-                    await asyncio.sleep(self._backoff(attempt))
+                    previous = endpoint if retry.ignore_previous_hosts else None
+                    await asyncio.sleep(self._backoff(attempt, retry.backoff_s))
                     continue
                 if attempt:
                     ctx.add_flag("URX")
             return conn, endpoint
 
-    def _backoff(self, attempt: int) -> float:
+    def _backoff(self, attempt: int, base_s: float = _RETRY_BASE_S) -> float:
         # Envoy: "given a base interval B and retry number N, the back-off for the retry
-        # is in the range [0, (2^N-1)B)", the bound capped at ten times the base.
-        ceiling = min(_RETRY_BASE_S * (2**attempt - 1), _RETRY_BASE_S * 10)
+        # is in the range [0, (2^N-1)B)", the bound capped at ten times the base (its
+        # default max_interval). B is Istio's retries.backoff, 25 ms when not given.
+        ceiling = min(base_s * (2**attempt - 1), base_s * 10)
         return self.rnd.uniform(0, ceiling)
 
     async def _exchange(

@@ -262,6 +262,8 @@ class HTTPRetry:
     per_try_timeout: str | None = None
     retry_on: str | None = None
     retry_remote_localities: bool | None = None
+    retry_ignore_previous_hosts: bool | None = None  # Istio 1.26
+    backoff: str | None = None  # Istio 1.26: Envoy's base interval
 
 
 @dataclass(frozen=True, slots=True)

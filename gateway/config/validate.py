@@ -479,6 +479,7 @@ def _check_http_route(r: _Report, p: str, route: HTTPRoute) -> None:
         if route.retries.attempts is not None and route.retries.attempts < 0:
             r.error(f"{p}.retries.attempts", f"{route.retries.attempts} must not be negative")
         r.duration(f"{p}.retries.perTryTimeout", route.retries.per_try_timeout)
+        r.duration(f"{p}.retries.backoff", route.retries.backoff)
     if route.fault is not None:
         _check_fault(r, f"{p}.fault", route.fault)
     if route.mirror is not None:

@@ -1,7 +1,8 @@
 """Traffic-policy semantics checked against Istio's and Envoy's documented behaviour:
 which failures each ``retryOn`` condition retries, the deprecated outlier
 ``consecutiveErrors``, the cap on ejection time, ``minHealthPercent`` panic mode,
-retries under consistent hashing and Envoy's retry back-off bounds."""
+retries under consistent hashing, Envoy's retry back-off bounds and Istio 1.26's
+``retryIgnorePreviousHosts`` and ``backoff``."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from gateway.config.errors import ConfigErrors
 from gateway.config.load import load_resources
 from gateway.config.validate import NOT_ENFORCED, validate
 from gateway.policy import (
@@ -95,6 +97,45 @@ def test_retry_back_off_stays_within_envoys_bounds() -> None:
         assert max(draws) <= bound
         # Not a smaller range than Envoy's: some draw comes close to the bound.
         assert max(draws) > bound * 0.9
+
+
+def test_istio_1_26_retry_fields_set_the_host_predicate_and_the_base_interval() -> None:
+    # retryIgnorePreviousHosts (default true) and backoff (Envoy's base interval).
+    default = retry_on("5xx")
+    assert default.ignore_previous_hosts and default.backoff_s == 0.025
+    traffic = compile_route_traffic(
+        {"retries": {"attempts": 3, "retryIgnorePreviousHosts": False, "backoff": "100ms"}},
+        clusters,
+    )
+    assert traffic is not None and traffic.retry is not None
+    assert not traffic.retry.ignore_previous_hosts
+    assert traffic.retry.backoff_s == 0.1
+    forwarder = TrafficForwarder.__new__(TrafficForwarder)
+    forwarder.rnd = random.Random(3)
+    for attempt, bound in ((1, 0.1), (2, 0.3), (5, 1.0)):
+        draws = [forwarder._backoff(attempt, traffic.retry.backoff_s) for _ in range(400)]
+        assert bound * 0.9 < max(draws) <= bound
+
+
+def test_istio_1_26_retry_fields_are_accepted_and_backoff_is_checked(tmp_path: Path) -> None:
+    (tmp_path / "vs.yaml").write_text(
+        """
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: app, namespace: shop}
+spec:
+  hosts: [app.local]
+  http:
+    - retries: {attempts: 2, retryIgnorePreviousHosts: false, backoff: 50ms}
+      route: [{destination: {host: app.local}}]
+    - retries: {attempts: 2, backoff: soon}
+      route: [{destination: {host: app.local}}]
+"""
+    )
+    with pytest.raises(ConfigErrors) as refused:
+        validate(load_resources([str(tmp_path)]))
+    # Only the second route's backoff: the Istio 1.26 fields are known fields.
+    assert [e.path for e in refused.value.errors] == ["spec.http[1].retries.backoff"]
 
 
 # --------------------------------------------------------------------------- outlier
