@@ -289,8 +289,13 @@ class H1Stream:
             # An HTTP/1.0 client cannot read chunks: the body ends when we close.
             self.mode = _UNTIL_CLOSE
             self.keep_alive = False
-        if not self.body_done or self.body_error is not None or conn.must_close:
+        if not self.body_done or self.body_error is not None:
             # Unread request body left on the wire: the connection cannot be reused.
+            self.keep_alive = False
+        elif conn.must_close and not conn._queue:
+            # Closing (a refused request, a half-close, a graceful stop): requests
+            # already parsed behind this one are still answered, the refusal among
+            # them, and only the last response says close.
             self.keep_alive = False
         if not self.keep_alive:
             extra += b"connection: close\r\n"
@@ -650,10 +655,20 @@ class HTTP1Connection(HeldWrites, asyncio.Protocol):
                 name = raw_name.decode("latin-1").lower()
                 if len(names) < 1024:
                     names[raw_name] = name
-            value = raw_value.decode("latin-1")
+            # llhttp drops the whitespace before a value but keeps what follows it,
+            # which RFC 9110 5.5 says is not part of the value (Envoy drops it too).
+            # Kept, "admin " would slip past a policy or route written for "admin"
+            # and still reach an upstream that reads "admin".
+            value = raw_value.decode("latin-1").rstrip(" \t")
             if name == "host":
                 if authority is not None:
                     self._error = BadRequest("multiple Host headers")
+                    raise _Stop
+                if " " in value or "\t" in value:
+                    # The only characters outside an authority that llhttp lets
+                    # through (it refuses the other controls); refused as the HTTP/2
+                    # and HTTP/3 adapters refuse them in :authority.
+                    self._error = BadRequest("invalid Host header")
                     raise _Stop
                 authority = value
                 continue
@@ -664,7 +679,7 @@ class HTTP1Connection(HeldWrites, asyncio.Protocol):
                 # only) coding, or the length cannot be known. Anything else, or a
                 # second Transfer-Encoding line, is refused rather than guessed at:
                 # two parties guessing differently is how requests get smuggled.
-                if chunked or value.strip().lower() != "chunked":
+                if chunked or value.lower() != "chunked":
                     self._error = BadRequest(f"unsupported transfer-encoding {value!r}")
                     raise _Stop
                 chunked = True
@@ -674,9 +689,20 @@ class HTTP1Connection(HeldWrites, asyncio.Protocol):
                 connection = value.lower()
             headers.append((name, value))
         url = self._url
+        if b"#" in url:
+            # A fragment is never part of a request target (RFC 9112 3.2). Kept in
+            # the path, "/admin#x" would miss a rule for "/admin" at the gateway and
+            # reach an upstream that drops the fragment as "/admin"; Envoy refuses
+            # it for that reason (CVE-2021-32779).
+            self._error = BadRequest("fragment in request target")
+            raise _Stop
         if url[:1] == b"/":
             path, _, query = url.partition(b"?")
         elif url == b"*":
+            # Asterisk form is for OPTIONS only (RFC 9112 3.2.4).
+            if parser.get_method() != b"OPTIONS":
+                self._error = BadRequest("asterisk-form target on a method other than OPTIONS")
+                raise _Stop
             path, query = url, b""
         elif self.settings.allow_connect and parser.get_method() == b"CONNECT":
             # Authority-form (RFC 9112 3.2.3): the target is the tunnel's host:port.
@@ -696,6 +722,18 @@ class HTTP1Connection(HeldWrites, asyncio.Protocol):
                 if parsed.port:
                     authority = f"{authority}:{parsed.port}"
         version = parser.get_http_version()
+        if version != "1.1":
+            if version != "1.0":
+                # llhttp also lets "HTTP/0.9" and "HTTP/2.0" request lines through
+                # (with headers); neither is HTTP/1.x framing.
+                self._error = BadRequest(f"unsupported HTTP version {version}")
+                raise _Stop
+            if chunked:
+                # RFC 9112 6.1: Transfer-Encoding in an HTTP/1.0 message means its
+                # framing is faulty. An HTTP/1.0 hop in front would have read no
+                # body and taken the chunks for the next request.
+                self._error = BadRequest("transfer-encoding in an HTTP/1.0 request")
+                raise _Stop
         if authority is None:
             if version != "1.0":
                 self._error = BadRequest("missing Host header")

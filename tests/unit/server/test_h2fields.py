@@ -130,6 +130,8 @@ def test_trailers_refuse_pseudo_headers_and_bad_values() -> None:
         (b"GET", b"/a b", b"a", "invalid :path"),
         (b"GET", b"/a\x7f", b"a", "invalid :path"),
         (b"GET", b"/a\tb", b"a", "invalid :path"),
+        (b"GET", b"/admin#x", b"a", "invalid :path"),  # a fragment is no part of it
+        (b"GET", b"/?q=1#x", b"a", "invalid :path"),
         (b"GET", b"/", b"a b", "invalid :authority"),
         (b"GET", b"/", b"a\x01", "invalid :authority"),
     ],

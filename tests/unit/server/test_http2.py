@@ -797,12 +797,19 @@ def test_host_field_is_the_authority_and_is_not_passed_on_as_a_header() -> None:
     run(scenario)
 
 
-def test_space_in_the_path_is_a_protocol_error() -> None:
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/a HTTP/1.1",  # would end up in the upstream's request line
+        "/admin#x",  # a fragment: would miss a rule for /admin, reach /admin upstream
+    ],
+)
+def test_space_or_fragment_in_the_path_is_a_protocol_error(path: str) -> None:
     async def scenario() -> None:
         client, _, echo = await connect()
-        sid = client.request("/a HTTP/1.1")  # would end up in the upstream's request line
+        sid = client.request(path)
         await refused_then_goaway(client, echo, sid)
-        assert echo.heads[0].path == "/a HTTP/1.1"  # as the access log shows it
+        assert echo.heads[0].path == path  # as the access log shows it
 
     run(scenario)
 
