@@ -68,6 +68,7 @@ __all__ = [
     "RegexRewrite",
     "RequestAuthenticationSpec",
     "Resource",
+    "RetryBudget",
     "RouteDestination",
     "ServerTLSSettings",
     "ServiceEntryPort",
@@ -76,10 +77,12 @@ __all__ = [
     "Subset",
     "TCPRoute",
     "TCPSettings",
+    "TLSCertificate",
     "TLSMatchAttributes",
     "TLSRoute",
     "TrafficPolicy",
     "VirtualServiceSpec",
+    "WarmupConfiguration",
     "WorkloadEntry",
     "WorkloadSelector",
     "yaml_name",
@@ -149,6 +152,13 @@ class Port:
 
 
 @dataclass(frozen=True, slots=True)
+class TLSCertificate:
+    server_certificate: str | None = None
+    private_key: str | None = None
+    ca_certificates: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class ServerTLSSettings:
     https_redirect: bool = False
     mode: str = "SIMPLE"  # PASSTHROUGH | SIMPLE | MUTUAL | AUTO_PASSTHROUGH | ISTIO_MUTUAL
@@ -157,6 +167,9 @@ class ServerTLSSettings:
     ca_certificates: str | None = None
     ca_crl: str | None = None
     credential_name: str | None = None
+    credential_names: list[str] = field(default_factory=list)  # Istio 1.26: RSA and ECDSA
+    tls_certificates: list[TLSCertificate] = field(default_factory=list)  # Istio 1.26
+    ca_cert_credential_name: str | None = None  # Istio 1.28
     subject_alt_names: list[str] = field(default_factory=list)
     verify_certificate_spki: list[str] = field(default_factory=list)
     verify_certificate_hash: list[str] = field(default_factory=list)
@@ -321,6 +334,9 @@ class HTTPRoute:
     mirror: Destination | None = None
     mirrors: list[dict[str, Any]] = field(default_factory=list)
     mirror_percentage: Percent | None = None
+    # Istio's deprecated integer form of mirrorPercentage; its CRD takes both spellings.
+    mirror_percent: int | None = None
+    mirror_percent_snake: int | None = field(default=None, metadata=_yaml("mirror_percent"))
     cors_policy: CorsPolicy | None = None
     headers: Headers | None = None
 
@@ -390,11 +406,19 @@ class ConsistentHashLB:
 
 
 @dataclass(frozen=True, slots=True)
+class WarmupConfiguration:
+    duration: str
+    minimum_percent: float | None = None
+    aggression: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class LoadBalancerSettings:
     simple: str | None = None  # UNSPECIFIED | RANDOM | PASSTHROUGH | ROUND_ROBIN | LEAST_REQUEST
     consistent_hash: ConsistentHashLB | None = None
     locality_lb_setting: dict[str, Any] | None = None
-    warmup_duration_secs: str | None = None
+    warmup_duration_secs: str | None = None  # deprecated by Istio for warmup
+    warmup: WarmupConfiguration | None = None  # Istio 1.24
 
 
 @dataclass(frozen=True, slots=True)
@@ -447,6 +471,13 @@ class ClientTLSSettings:
     subject_alt_names: list[str] = field(default_factory=list)
     sni: str | None = None
     insecure_skip_verify: bool | None = None
+    ca_crl: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RetryBudget:
+    percent: float | None = None
+    min_retry_concurrency: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -467,6 +498,7 @@ class TrafficPolicy:
     port_level_settings: list[PortTrafficPolicy] = field(default_factory=list)
     tunnel: dict[str, Any] | None = None
     proxy_protocol: dict[str, Any] | None = None
+    retry_budget: RetryBudget | None = None  # Istio 1.27; not in portLevelSettings
 
 
 @dataclass(frozen=True, slots=True)
@@ -563,6 +595,9 @@ class JWTRule:
     output_claim_to_headers: list[ClaimToHeader] = field(default_factory=list)
     forward_original_token: bool = False
     timeout: str | None = None
+    space_delimited_claims: list[str] = field(default_factory=list)  # Istio 1.28
+    # Istio's CRD also takes the proto spelling of jwksUri.
+    jwks_uri_snake: str | None = field(default=None, metadata=_yaml("jwks_uri"))
 
 
 @dataclass(frozen=True, slots=True)

@@ -48,6 +48,7 @@ from .resources import (
     LoadBalancerSettings,
     OutlierDetection,
     Percent,
+    RequestAuthenticationSpec,
     Resource,
     ServerTLSSettings,
     ServiceEntrySpec,
@@ -86,7 +87,8 @@ RETRY_ON = (
 )
 DERIVE_PORT = ("FROM_PROTOCOL_DEFAULT", "FROM_REQUEST_PORT")
 H2_UPGRADE = ("DEFAULT", "DO_NOT_UPGRADE", "UPGRADE")
-# DYNAMIC_DNS is meshgate's: a wildcard host resolved per request (docs/egress.md).
+# DYNAMIC_DNS is Istio 1.28's resolution for wildcard hosts; meshgate resolves each name
+# a request asks for at the egress gateway (docs/egress.md).
 RESOLUTIONS = ("NONE", "STATIC", "DNS", "DNS_ROUND_ROBIN", "DYNAMIC_DNS")
 LOCATIONS = ("MESH_EXTERNAL", "MESH_INTERNAL")
 CORS_METHODS = ("CONNECT", "DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT", "TRACE")
@@ -279,6 +281,10 @@ def _check_gateway(r: _Report, spec: GatewaySpec) -> None:
             )
         else:
             port_names[port.name] = i
+        # meshgate listens on --address and forwards by route, never to a default endpoint.
+        for name, value in (("bind", server.bind), ("defaultEndpoint", server.default_endpoint)):
+            if value is not None:
+                r.warn(f"{p}.{name}", NOT_ENFORCED)
         if not server.hosts:
             r.error(f"{p}.hosts", "at least one host is required")
         for j, entry in enumerate(server.hosts):
@@ -321,14 +327,29 @@ def _check_server_tls(r: _Report, path: str, tls: ServerTLSSettings, protocol: s
         ):
             if value:
                 r.error(f"{path}.{name}", f"ISTIO_MUTUAL TLS cannot set {name}")
-    if tls.mode in ("SIMPLE", "MUTUAL", "OPTIONAL_MUTUAL") and not tls.credential_name:
-        if not tls.server_certificate or not tls.private_key:
+    terminating = tls.mode in ("SIMPLE", "MUTUAL", "OPTIONAL_MUTUAL")
+    # As in Istio's validation, credentialNames and tlsCertificates (1.26) stand in for
+    # the certificate pair, and caCertCredentialName (1.28) for caCertificates. The
+    # messages name only what meshgate serves: the others are warned about below.
+    if terminating and not (tls.credential_name or tls.credential_names):
+        if not tls.tls_certificates and (not tls.server_certificate or not tls.private_key):
             r.error(
                 path,
                 f"{tls.mode} TLS needs credentialName, or serverCertificate and privateKey",
             )
-        if tls.mode != "SIMPLE" and not tls.ca_certificates:
+        ca_given = (
+            tls.ca_certificates
+            or tls.ca_cert_credential_name
+            or any(cert.ca_certificates for cert in tls.tls_certificates)
+        )
+        if tls.mode != "SIMPLE" and not ca_given:
             r.error(path, f"{tls.mode} TLS needs caCertificates (or credentialName)")
+    for i, cert in enumerate(tls.tls_certificates):
+        if terminating and (not cert.server_certificate or not cert.private_key):
+            r.error(
+                f"{path}.tlsCertificates[{i}]",
+                f"{tls.mode} TLS needs serverCertificate and privateKey",
+            )
     # What the TLS listener does not do (gateway/server/tls.py): say so rather than
     # accept it in silence.
     if tls.mode in ("ISTIO_MUTUAL", "AUTO_PASSTHROUGH"):
@@ -340,11 +361,27 @@ def _check_server_tls(r: _Report, path: str, tls: ServerTLSSettings, protocol: s
         )
     for name, value in (
         ("caCrl", tls.ca_crl),
+        ("caCertCredentialName", tls.ca_cert_credential_name),
         ("verifyCertificateSpki", tls.verify_certificate_spki),
         ("verifyCertificateHash", tls.verify_certificate_hash),
     ):
         if value:
             r.warn(f"{path}.{name}", NOT_ENFORCED)
+    # The TLS listener loads one certificate, from credentialName or the file pair; a
+    # server that names its certificates only these newer ways has none to present.
+    has_certificate = tls.credential_name or (tls.server_certificate and tls.private_key)
+    for name, value in (
+        ("credentialNames", tls.credential_names),
+        ("tlsCertificates", tls.tls_certificates),
+    ):
+        if value:
+            hint = (
+                "; with no credentialName or serverCertificate and privateKey, "
+                "handshakes for this server fail"
+                if terminating and not has_certificate
+                else ""
+            )
+            r.warn(f"{path}.{name}", NOT_ENFORCED + hint)
     known = _openssl_ciphers()
     for i, suite in enumerate(tls.cipher_suites):
         if suite not in known:
@@ -486,6 +523,13 @@ def _check_http_route(r: _Report, p: str, route: HTTPRoute) -> None:
         _check_destination(r, f"{p}.mirror", route.mirror)
     if route.mirror_percentage is not None:
         r.percentage(f"{p}.mirrorPercentage", route.mirror_percentage)
+    for name, value in (
+        ("mirrorPercent", route.mirror_percent),
+        ("mirror_percent", route.mirror_percent_snake),
+    ):
+        if value is not None:
+            r.percent(f"{p}.{name}", value)
+            r.warn(f"{p}.{name}", f"{NOT_ENFORCED}; use mirrorPercentage")
     if route.delegate is not None:
         r.warn(f"{p}.delegate", NOT_ENFORCED)
     if route.cors_policy is not None:
@@ -666,7 +710,7 @@ def _check_header_ops(r: _Report, path: str, ops: HeaderOperations, *, request: 
 
 def _check_destination_rule(r: _Report, spec: DestinationRuleSpec) -> None:
     r.host("spec.host", spec.host)
-    _check_traffic_policy(r, "spec.trafficPolicy", spec.traffic_policy, warn=True)
+    _check_traffic_policy(r, "spec.trafficPolicy", spec.traffic_policy)
     names: dict[str, int] = {}
     for i, subset in enumerate(spec.subsets):
         sp = f"spec.subsets[{i}]"
@@ -681,19 +725,19 @@ def _check_destination_rule(r: _Report, spec: DestinationRuleSpec) -> None:
             names[subset.name] = i
             if not _LABEL.fullmatch(subset.name):
                 r.error(f"{sp}.name", f'"{subset.name}" is not a valid subset name')
-        _check_traffic_policy(r, f"{sp}.trafficPolicy", subset.traffic_policy, warn=True)
+        _check_traffic_policy(r, f"{sp}.trafficPolicy", subset.traffic_policy)
     if spec.workload_selector is not None:
         r.warn("spec.workloadSelector", NOT_ENFORCED)
     if spec.export_to:
         r.warn("spec.exportTo", NOT_ENFORCED)
 
 
-def _check_traffic_policy(r: _Report, tp: str, policy: Any, *, warn: bool) -> None:
+def _check_traffic_policy(r: _Report, tp: str, policy: Any) -> None:
     """``policy`` is a TrafficPolicy or a PortTrafficPolicy (same fields, fewer of them)."""
     if policy is None:
         return
     if policy.load_balancer is not None:
-        _check_load_balancer(r, f"{tp}.loadBalancer", policy.load_balancer, warn=warn)
+        _check_load_balancer(r, f"{tp}.loadBalancer", policy.load_balancer)
     if policy.connection_pool is not None:
         _check_connection_pool(r, f"{tp}.connectionPool", policy.connection_pool)
     if policy.outlier_detection is not None:
@@ -707,13 +751,17 @@ def _check_traffic_policy(r: _Report, tp: str, policy: Any, *, warn: bool) -> No
                 r.error(pp, "port is required")
             else:
                 r.port(f"{pp}.port.number", port_policy.port.number)
-            _check_traffic_policy(r, pp, port_policy, warn=False)
+            _check_traffic_policy(r, pp, port_policy)
         for name, value in (("tunnel", policy.tunnel), ("proxyProtocol", policy.proxy_protocol)):
             if value is not None:
                 r.warn(f"{tp}.{name}", NOT_ENFORCED)
+        if policy.retry_budget is not None:
+            r.percent(f"{tp}.retryBudget.percent", policy.retry_budget.percent)
+            r.non_negative(f"{tp}.retryBudget", policy.retry_budget)
+            r.warn(f"{tp}.retryBudget", NOT_ENFORCED)
 
 
-def _check_load_balancer(r: _Report, lp: str, lb: LoadBalancerSettings, *, warn: bool) -> None:
+def _check_load_balancer(r: _Report, lp: str, lb: LoadBalancerSettings) -> None:
     r.one_of(f"{lp}.simple", lb.simple, LB_SIMPLE, "load balancer")
     if lb.simple is not None and lb.consistent_hash is not None:
         r.error(lp, "only one of simple or consistentHash may be set")
@@ -739,10 +787,19 @@ def _check_load_balancer(r: _Report, lp: str, lb: LoadBalancerSettings, *, warn:
         if ch.ring_hash is not None and ch.maglev is not None:
             r.error(f"{lp}.consistentHash", "only one of ringHash or maglev may be set")
     r.duration(f"{lp}.warmupDurationSecs", lb.warmup_duration_secs)
-    if warn and lb.locality_lb_setting is not None:
-        r.warn(f"{lp}.localityLbSetting", NOT_ENFORCED)
-    if warn and lb.warmup_duration_secs is not None:
-        r.warn(f"{lp}.warmupDurationSecs", NOT_ENFORCED)
+    if lb.warmup is not None:
+        wp = f"{lp}.warmup"
+        r.duration(f"{wp}.duration", lb.warmup.duration)
+        r.percent(f"{wp}.minimumPercent", lb.warmup.minimum_percent)
+        if lb.warmup.aggression is not None and lb.warmup.aggression < 0:
+            r.error(f"{wp}.aggression", f"{_num(lb.warmup.aggression)} must not be negative")
+    for name, value in (
+        ("localityLbSetting", lb.locality_lb_setting),
+        ("warmupDurationSecs", lb.warmup_duration_secs),
+        ("warmup", lb.warmup),
+    ):
+        if value is not None:
+            r.warn(f"{lp}.{name}", NOT_ENFORCED)
 
 
 def _check_connection_pool(r: _Report, cp: str, pool: ConnectionPoolSettings) -> None:
@@ -793,6 +850,8 @@ def _check_client_tls(r: _Report, tp: str, tls: ClientTLSSettings) -> None:
             f"{tp}.mode",
             f"ISTIO_MUTUAL {NOT_ENFORCED}; meshgate originates MUTUAL TLS with the files given",
         )
+    if tls.ca_crl is not None:
+        r.warn(f"{tp}.caCrl", NOT_ENFORCED)
     missing_pair = not tls.client_certificate or not tls.private_key
     if tls.mode == "MUTUAL" and not tls.credential_name and missing_pair:
         r.error(tp, "MUTUAL TLS needs credentialName, or clientCertificate and privateKey")
@@ -886,10 +945,38 @@ def _check_service_entry(r: _Report, spec: ServiceEntrySpec) -> None:
             r.port(path, number)
         if endpoint.weight is not None and endpoint.weight < 0:
             r.error(f"{ep}.weight", f"weight {endpoint.weight} must not be negative")
+        # No locality-aware balancing, network gateways or per-endpoint identity here.
+        for name, value in (
+            ("network", endpoint.network),
+            ("locality", endpoint.locality),
+            ("serviceAccount", endpoint.service_account),
+        ):
+            if value is not None:
+                r.warn(f"{ep}.{name}", NOT_ENFORCED)
     if spec.workload_selector is not None:
         r.warn("spec.workloadSelector", NOT_ENFORCED)
     if spec.export_to:
         r.warn("spec.exportTo", NOT_ENFORCED)
+    if spec.subject_alt_names:
+        r.warn("spec.subjectAltNames", NOT_ENFORCED)
+
+
+# --------------------------------------------------------------------------- RequestAuthentication
+
+
+def _check_jwt_fields(r: _Report, spec: RequestAuthenticationSpec) -> None:
+    """The JWT rule fields authn/ parses but does not act on.
+
+    authn.validate checks what these rules mean; the "not yet enforced" notes for
+    fields it leaves alone are made here, beside every other one.
+    """
+    for i, rule in enumerate(spec.jwt_rules):
+        p = f"spec.jwtRules[{i}]"
+        if rule.space_delimited_claims:
+            # authn.authz splits only its built-in claims (scope, ...) on spaces.
+            r.warn(f"{p}.spaceDelimitedClaims", NOT_ENFORCED)
+        if rule.jwks_uri_snake is not None:
+            r.warn(f"{p}.jwks_uri", f"{NOT_ENFORCED}; meshgate reads the key set URL from jwksUri")
 
 
 # --------------------------------------------------------------------------- references
@@ -1006,6 +1093,8 @@ def check(resources: Iterable[Resource]) -> tuple[list[ConfigError], list[Config
             from authn.validate import check_security
 
             check_security(r, resource)
+            if isinstance(spec, RequestAuthenticationSpec):
+                _check_jwt_fields(r, spec)
         elif resource.kind == "RateLimitPolicy":
             check_rate_limit_policy(r, spec, resources)
     return errors, warnings
