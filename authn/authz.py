@@ -28,6 +28,7 @@ No I/O here except ``check_external``, which the CUSTOM stage awaits.
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,15 +37,19 @@ from gateway.config.resources import AuthorizationPolicySpec, AuthzCondition, Re
 
 __all__ = [
     "CONDITION_KEYS",
+    "OPERATION_FIELDS",
+    "SOURCE_FIELDS",
     "AuthzDecision",
     "AuthzPolicies",
     "AuthzPolicy",
     "AuthzRequest",
     "ExternalVerdict",
+    "PathRejected",
     "ValueMatcher",
     "check_external",
     "compile_authorization",
     "normalize_path",
+    "peer_source",
 ]
 
 # Condition keys Istio documents for HTTP, and the ones meshgate evaluates. Keys with
@@ -119,21 +124,54 @@ def _in_networks(networks: Sequence[Any], ip: str) -> bool:
     if not ip or not networks:
         return False
     try:
-        address = ipaddress.ip_address(ip)
+        address: Any = ipaddress.ip_address(ip)
     except ValueError:
         return False
+    if address.version == 6 and address.ipv4_mapped is not None:
+        # A dual-stack socket reports an IPv4 client as ::ffff:a.b.c.d; Envoy reports
+        # it as the IPv4 address, so an IPv4 block matches it.
+        address = address.ipv4_mapped
     return any(address in net for net in networks)
 
 
-def normalize_path(path: str) -> str:
-    """RFC 3986 dot-segment removal, as Envoy's ``normalize_path`` does before RBAC.
+class PathRejected(ValueError):
+    """A path Istio refuses outright (400) instead of normalising: ``%00``."""
 
-    Without it ``/public/../admin`` would pass a rule written for ``/admin``. A
-    percent-encoded dot (``%2e``) is an unreserved character, so RFC 3986 decodes it
-    first: ``/public/%2e%2e/admin`` is the same walk.
+
+# RFC 3986 2.3: the unreserved characters. A percent-encoding of one of them is the
+# character itself, and Istio's BASE normalisation decodes it (its table: %2d, %2e,
+# %30-%39, %41-%5a, %5f, %61-%7a, %7e). %2f and %5c stay encoded, as with BASE.
+_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+_ESCAPE = re.compile(r"%([0-9A-Fa-f]{2})")
+
+
+def _decode_unreserved(match: re.Match[str]) -> str:
+    char = chr(int(match.group(1), 16))
+    if char in _UNRESERVED:
+        return char
+    if char == "\x00":
+        raise PathRejected("%00 in the path")
+    return match.group(0)
+
+
+def normalize_path(path: str) -> str:
+    """Istio's default path normalisation (meshConfig ``pathNormalization: BASE``),
+    applied before AuthorizationPolicy paths are matched; the result also goes
+    upstream, as in Istio ("the normalized request will be used for both the
+    evaluation of authorization policies and the request that is ultimately sent to
+    the backend server").
+
+    In Istio's order: percent-encoded unreserved characters are decoded, once
+    (``/%61dmin`` is ``/admin``; ``%252e`` stays), ``%00`` is refused
+    (``PathRejected``, a 400), a backslash becomes ``/``, then RFC 3986 dot-segment
+    removal (``/public/../admin`` is ``/admin``). Like BASE, and unlike Istio's
+    MERGE_SLASHES and DECODE_AND_MERGE_SLASHES, slashes are not merged and ``%2f``
+    and ``%5c`` are not decoded: ``//admin`` and ``/admin%2f`` keep their shape.
     """
-    if "%" in path and ("%2e" in path or "%2E" in path):
-        path = path.replace("%2e", ".").replace("%2E", ".")
+    if "%" in path:
+        path = _ESCAPE.sub(_decode_unreserved, path)
+    if "\\" in path:
+        path = path.replace("\\", "/")
     if "/." not in path:
         return path
     out: list[str] = []
@@ -170,13 +208,44 @@ class AuthzRequest:
     header: Callable[[str], str | None]
     auth: Any = None  # jwt.VerifiedToken | None
     sni: str = ""
-    source_principal: str = ""  # from a verified peer certificate (mTLS), if any
+    # From a client certificate a MUTUAL TLS server verified (``peer_source``): the
+    # SPIFFE ID without ``spiffe://`` and its namespace, "" when there is none.
+    source_principal: str = ""
     source_namespace: str = ""
+    # A verified client certificate was presented, SPIFFE or not: Istio's
+    # ``principals: ["*"]`` matches any authenticated peer.
+    peer_certified: bool = False
+
+
+_SPIFFE = "spiffe://"
+
+
+def peer_source(uris: Sequence[str]) -> tuple[str, str]:
+    """The (principal, namespace) Istio reads from a verified client certificate's
+    URI SANs: the first SPIFFE ID without its scheme (``cluster.local/ns/test/sa/
+    curl``) and the segment after ``ns``. Istio writes ``principals: [X]`` as an
+    Envoy match on ``spiffe://X``, and ``namespaces: [N]`` as one on ``*/ns/N/*``."""
+    for uri in uris:
+        if uri.startswith(_SPIFFE):
+            principal = uri[len(_SPIFFE) :]
+            parts = principal.split("/")
+            namespace = parts[2] if len(parts) > 2 and parts[1] == "ns" else ""
+            return principal, namespace
+    return "", ""
+
+
+def _service_account(principal: str) -> str:
+    """``<namespace>/<name>`` of a SPIFFE principal ``<td>/ns/<ns>/sa/<name>``."""
+    parts = principal.split("/")
+    if len(parts) == 5 and parts[1] == "ns" and parts[3] == "sa":
+        return f"{parts[2]}/{parts[4]}"
+    return ""
 
 
 # Istio treats these two claims as space-delimited lists ("read write" holds
-# "write"); every other string claim is one exact value.
-_SPACE_DELIMITED = frozenset({"scope", "permissions"})
+# "write"); every other string claim is one exact value. Istio's pair is "scope" and
+# "permission" (singular), the defaults of its JWT filter configuration.
+_SPACE_DELIMITED = frozenset({"scope", "permission"})
 
 
 def _claim(claims: Any, path: Sequence[str]) -> list[str]:
@@ -232,10 +301,15 @@ class _Field:
             return auth is not None and _any_value(self.strings, (auth.principal,))
         if name == "principals":
             p = request.source_principal
-            return bool(p) and _any_value(self.strings, (p,))
+            if not p:
+                return request.peer_certified and any(m.kind == "present" for m in self.strings)
+            return _any_value(self.strings, (p,))
         if name == "namespaces":
             ns = request.source_namespace
             return bool(ns) and _any_value(self.strings, (ns,))
+        if name == "serviceAccounts":
+            sa = _service_account(request.source_principal)
+            return bool(sa) and _any_value(self.strings, (sa,))
         if name == "ipBlocks":
             return _in_networks(self.networks, request.source_ip)
         if name == "remoteIpBlocks":
@@ -272,7 +346,11 @@ class _Condition:
         if kind == "connection.sni":
             return [request.sni] if request.sni else []
         if kind == "source.principal":
-            return [request.source_principal] if request.source_principal else []
+            if request.source_principal:
+                return [request.source_principal]
+            # A certificate without a SPIFFE ID is still a present principal (Envoy
+            # matches the URI SAN, DNS SAN or subject); no value but "*" matches it.
+            return ["\x00"] if request.peer_certified else []
         if kind == "source.namespace":
             return [request.source_namespace] if request.source_namespace else []
         return []
@@ -371,19 +449,21 @@ class AuthzPolicies:
 # --------------------------------------------------------------------------- compile
 
 
-_SOURCE_FIELDS = (
+SOURCE_FIELDS = (
     ("principals", "principals", False),
     ("not_principals", "principals", True),
     ("request_principals", "requestPrincipals", False),
     ("not_request_principals", "requestPrincipals", True),
     ("namespaces", "namespaces", False),
     ("not_namespaces", "namespaces", True),
+    ("service_accounts", "serviceAccounts", False),
+    ("not_service_accounts", "serviceAccounts", True),
     ("ip_blocks", "ipBlocks", False),
     ("not_ip_blocks", "ipBlocks", True),
     ("remote_ip_blocks", "remoteIpBlocks", False),
     ("not_remote_ip_blocks", "remoteIpBlocks", True),
 )
-_OPERATION_FIELDS = (
+OPERATION_FIELDS = (
     ("hosts", "hosts", False),
     ("not_hosts", "hosts", True),
     ("ports", "ports", False),
@@ -444,8 +524,8 @@ def compile_policy(resource: Resource) -> AuthzPolicy:
     spec: AuthorizationPolicySpec = resource.spec
     rules = []
     for rule in spec.rules:
-        sources = tuple(_fields(f.source, _SOURCE_FIELDS) for f in rule.from_)
-        operations = tuple(_fields(t.operation, _OPERATION_FIELDS) for t in rule.to)
+        sources = tuple(_fields(f.source, SOURCE_FIELDS) for f in rule.from_)
+        operations = tuple(_fields(t.operation, OPERATION_FIELDS) for t in rule.to)
         conditions = tuple(_condition(c) for c in rule.when)
         rules.append(_Rule(sources, operations, conditions))
     name = f"{resource.metadata.namespace}/{resource.metadata.name}"

@@ -49,6 +49,7 @@ __all__ = [
     "binds_to_gateway",
     "compile_security",
     "issuer_pattern",
+    "jwks_uri_of",
 ]
 
 ROOT_NAMESPACE = "istio-system"
@@ -235,8 +236,17 @@ def _locations(rule: JWTRule) -> tuple[TokenLocation, ...]:
     return tuple(out)
 
 
+def jwks_uri_of(rule: JWTRule) -> str | None:
+    """The rule's key set URL, under either spelling Istio's schema takes."""
+    return rule.jwks_uri if rule.jwks_uri is not None else rule.jwks_uri_snake
+
+
 def compile_jwt_rule(resource: Resource, index: int, rule: JWTRule) -> JwtRule:
-    issuers = [rule.issuer] if isinstance(rule.issuer, str) else list(rule.issuer or ())
+    if rule.issuer is None:
+        # No issuer (Istio 1.27, with jwksUri): any "iss" the key set verifies.
+        issuers = ["*"]
+    else:
+        issuers = [rule.issuer] if isinstance(rule.issuer, str) else list(rule.issuer)
     exact = frozenset(i for i in issuers if "*" not in i)
     globs = tuple(i for i in issuers if "*" in i)
     meta = resource.metadata
@@ -245,7 +255,7 @@ def compile_jwt_rule(resource: Resource, index: int, rule: JWTRule) -> JwtRule:
         issuers=exact,
         audiences=tuple(rule.audiences),
         locations=_locations(rule),
-        jwks_uri=rule.jwks_uri,
+        jwks_uri=jwks_uri_of(rule),
         jwks_inline=rule.jwks,
         output_payload_to_header=rule.output_payload_to_header.lower()
         if rule.output_payload_to_header

@@ -17,10 +17,17 @@ import contextlib
 from collections.abc import Coroutine
 from typing import Any
 
-from gateway.errors import AccessDenied, Unauthenticated
+from gateway.errors import AccessDenied, BadRequest, Unauthenticated
 from gateway.stages import LocalReply, RequestContext
 
-from .authz import AuthzDecision, AuthzRequest, check_external, normalize_path
+from .authz import (
+    AuthzDecision,
+    AuthzRequest,
+    PathRejected,
+    check_external,
+    normalize_path,
+    peer_source,
+)
 from .jwt import TokenRejected, VerifiedToken
 from .policy import JwtRule, SecurityPolicy, TokenLocation
 from .runtime import FoundToken, NeedsKeys, SecurityRuntime, find_tokens
@@ -214,9 +221,11 @@ class JwtAuthnStage:
 class AuthzStage:
     """AuthorizationPolicy: Istio's CUSTOM -> DENY -> ALLOW, decided before routing.
 
-    The path is normalised (dot segments removed) before matching, and the
-    normalised path is what goes upstream, so a rule on ``/admin`` cannot be walked
-    around with ``/public/../admin``."""
+    The path is normalised as Istio's default (BASE) does before matching
+    (``authz.normalize_path``), and the normalised path is what goes upstream, so a
+    rule on ``/admin`` cannot be walked around with ``/public/../admin`` or
+    ``/%61dmin``. A peer's mTLS identity, when a MUTUAL TLS server verified one, is
+    the source principal and namespace."""
 
     is_async = True
 
@@ -233,9 +242,22 @@ class AuthzStage:
         if policies is None:
             return None
         head = ctx.head
-        path = normalize_path(head.path)
+        method = head.method
+        if not method.isupper():
+            # Istio's normalisation: "If the verb in the HTTP request is not in upper
+            # case, Istio will reject the request with HTTP code 400" -- "delete"
+            # must not slip past a rule on DELETE. (HTTP/1.1 refuses it earlier.)
+            raise BadRequest(f"method {method[:32]!r} is not upper case")
+        try:
+            path = normalize_path(head.path)
+        except PathRejected as exc:
+            raise BadRequest(str(exc)) from exc
         if path != head.path:
             head.path = path
+        identity = head.peer_identity
+        principal = namespace = ""
+        if identity is not None:
+            principal, namespace = peer_source(identity.uris)
         request = AuthzRequest(
             method=head.method,
             path=path,
@@ -248,6 +270,9 @@ class AuthzStage:
             header=head.header,
             auth=ctx.auth,
             sni=getattr(head, "sni", "") or "",
+            source_principal=principal,
+            source_namespace=namespace,
+            peer_certified=identity is not None,
         )
         decision = policies.evaluate(request)
         for name in decision.audited:

@@ -21,15 +21,24 @@ from gateway.config.resources import (
     Resource,
 )
 
-from .authz import CONDITION_KEYS, split_condition_key
+from .authz import CONDITION_KEYS, OPERATION_FIELDS, SOURCE_FIELDS, split_condition_key
 from .jwks import jwks_uri_problem
 from .jwt import parse_jwks
+from .policy import jwks_uri_of
 
 __all__ = ["check_security"]
 
 ACTIONS = ("ALLOW", "DENY", "AUDIT", "CUSTOM")
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _IP_CONDITIONS = ("source.ip", "remote.ip")
+# Every source/operation field the matcher evaluates: a field it ignored would make
+# a rule match more than it says, so any other field is refused.
+_EVALUATED_SOURCE = frozenset(attr for attr, _, _ in SOURCE_FIELDS)
+_EVALUATED_OPERATION = frozenset(attr for attr, _, _ in OPERATION_FIELDS)
+# A condition key: a name, then any number of bracketed arguments and nothing else.
+_CONDITION_KEY = re.compile(r"[a-z.]+(?:\[[^\[\]]+\])*")
+# The keys that take bracketed arguments, and how many (None: one or more).
+_KEY_ARGS = {"request.headers": 1, "request.auth.claims": None}
 # Fields that need a peer identity (mTLS), which an edge gateway's clients lack.
 _PEER_FIELDS = ("principals", "namespaces", "service_accounts")
 
@@ -85,8 +94,14 @@ def _check_request_authentication(r: Reporter, spec: RequestAuthenticationSpec) 
 
 def _check_jwt_rule(r: Reporter, p: str, rule: JWTRule) -> None:
     issuer = rule.issuer
+    if rule.jwks_uri is not None and rule.jwks_uri_snake not in (None, rule.jwks_uri):
+        r.error(p, "jwksUri and jwks_uri (two spellings of one field) disagree")
+    jwks_uri = jwks_uri_of(rule)
     if issuer is None:
-        r.error(f"{p}.issuer", "issuer is required")
+        # Istio 1.27: a rule may leave the issuer out when it names its key set; it
+        # then accepts any "iss" its keys verify.
+        if jwks_uri is None:
+            r.error(f"{p}.issuer", "issuer is required unless jwksUri is set")
     elif isinstance(issuer, str):
         if not issuer:
             r.error(f"{p}.issuer", "issuer must not be empty")
@@ -95,18 +110,18 @@ def _check_jwt_rule(r: Reporter, p: str, rule: JWTRule) -> None:
             r.error(f"{p}.issuer", "an issuer list must hold non-empty strings")
     else:
         r.error(f"{p}.issuer", "issuer must be a string or a list of strings")
-    if rule.jwks_uri is not None and rule.jwks is not None:
+    if jwks_uri is not None and rule.jwks is not None:
         r.error(p, "only one of jwksUri or jwks may be set")
-    elif rule.jwks_uri is None and rule.jwks is None:
+    elif jwks_uri is None and rule.jwks is None:
         r.error(
             p,
             "jwksUri or jwks is required (meshgate does not discover keys from the issuer)",
         )
-    if rule.jwks_uri is not None:
-        problem = jwks_uri_problem(rule.jwks_uri, allow_http=True)
+    if jwks_uri is not None:
+        problem = jwks_uri_problem(jwks_uri, allow_http=True)
         if problem is not None:
-            r.error(f"{p}.jwksUri", f'"{rule.jwks_uri}" {problem}')
-        elif jwks_uri_problem(rule.jwks_uri, allow_http=False) is not None:
+            r.error(f"{p}.jwksUri", f'"{jwks_uri}" {problem}')
+        elif jwks_uri_problem(jwks_uri, allow_http=False) is not None:
             r.warn(
                 f"{p}.jwksUri",
                 "plain HTTP to a non-loopback host is refused unless meshgate runs "
@@ -173,12 +188,16 @@ def _check_authorization_policy(r: Reporter, spec: AuthorizationPolicySpec) -> N
             if not any(values.values()):
                 r.error(sp, "source must set at least one field")
             for name, items in values.items():
+                if items and name not in _EVALUATED_SOURCE:
+                    # Ignoring a field would widen the rule to every source.
+                    r.error(f"{sp}.{_camel(name)}", "is not supported by meshgate")
+            for name, items in values.items():
                 yaml = _camel(name)
                 if items and name.removeprefix("not_") in _PEER_FIELDS:
                     r.warn(
                         f"{sp}.{yaml}",
-                        "needs the peer's mTLS identity, which clients of an edge gateway "
-                        "do not present; it never matches here",
+                        "needs the peer's mTLS identity: it matches only a client "
+                        "certificate verified by a MUTUAL TLS server",
                     )
                 if name.endswith("ip_blocks"):
                     for k, block in enumerate(items):
@@ -190,6 +209,9 @@ def _check_authorization_policy(r: Reporter, spec: AuthorizationPolicySpec) -> N
             values = {name: getattr(operation, name) for name in operation.__dataclass_fields__}
             if not any(values.values()):
                 r.error(op, "operation must set at least one field")
+            for name, items in values.items():
+                if items and name not in _EVALUATED_OPERATION:
+                    r.error(f"{op}.{_camel(name)}", "is not supported by meshgate")
             for name in ("ports", "not_ports"):
                 for k, port in enumerate(values[name]):
                     if not port.isdigit() or not 0 < int(port) < 65536:
@@ -203,8 +225,19 @@ def _check_authorization_policy(r: Reporter, spec: AuthorizationPolicySpec) -> N
             kind, args = split_condition_key(cond.key)
             if kind not in CONDITION_KEYS:
                 r.error(f"{cp}.key", f'unsupported condition key "{cond.key}"')
-            elif kind in ("request.headers", "request.auth.claims") and not args:
+            elif kind in _KEY_ARGS and not args:
                 r.error(f"{cp}.key", f'"{cond.key}" needs a name in brackets')
+            elif not _CONDITION_KEY.fullmatch(cond.key):
+                r.error(f"{cp}.key", f'"{cond.key}" is not a key followed by [name] arguments')
+            elif kind not in _KEY_ARGS and args:
+                r.error(f"{cp}.key", f'"{kind}" takes no argument in brackets')
+            elif _KEY_ARGS.get(kind) == 1 and len(args) > 1:
+                r.error(f"{cp}.key", f'"{kind}" takes one name in brackets')
+            if kind == "destination.port":
+                for name, items in (("values", cond.values), ("notValues", cond.not_values)):
+                    for k, port in enumerate(items):
+                        if not port.isdigit() or int(port) > 65535:
+                            r.error(f"{cp}.{name}[{k}]", f'"{port}" is not a port number')
             if not cond.values and not cond.not_values:
                 r.error(cp, "values or notValues is required")
             if kind in _IP_CONDITIONS:
@@ -213,7 +246,11 @@ def _check_authorization_policy(r: Reporter, spec: AuthorizationPolicySpec) -> N
                         if not _is_cidr(block):
                             r.error(f"{cp}.{name}[{k}]", f'"{block}" is not an IP or CIDR block')
             if kind in ("source.principal", "source.namespace"):
-                r.warn(f"{cp}.key", "needs the peer's mTLS identity; it never matches here")
+                r.warn(
+                    f"{cp}.key",
+                    "needs the peer's mTLS identity: it matches only a client "
+                    "certificate verified by a MUTUAL TLS server",
+                )
 
 
 def _camel(name: str) -> str:

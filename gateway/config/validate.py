@@ -975,8 +975,6 @@ def _check_jwt_fields(r: _Report, spec: RequestAuthenticationSpec) -> None:
         if rule.space_delimited_claims:
             # authn.authz splits only its built-in claims (scope, ...) on spaces.
             r.warn(f"{p}.spaceDelimitedClaims", NOT_ENFORCED)
-        if rule.jwks_uri_snake is not None:
-            r.warn(f"{p}.jwks_uri", f"{NOT_ENFORCED}; meshgate reads the key set URL from jwksUri")
 
 
 # --------------------------------------------------------------------------- references

@@ -17,7 +17,13 @@ What this module does:
 - the limits of ``ServerSettings``: concurrent streams (advertised, and refused per
   stream beyond), header list size and count (431), body size (413), idle time;
 - protection against rapid reset (CVE-2023-44487): a client that resets too many
-  unanswered streams is sent GOAWAY ENHANCE_YOUR_CALM;
+  unanswered streams, or makes the server reset them ("MadeYouReset"), is sent GOAWAY
+  ENHANCE_YOUR_CALM;
+- protection against frame floods, with Envoy's limits (``_H2Connection``): empty DATA
+  frames, PRIORITY and WINDOW_UPDATE floods, and header blocks (HEADERS plus
+  CONTINUATION frames) that grow past the decoder's ceiling before they end, all closed
+  with GOAWAY ENHANCE_YOUR_CALM; a closing connection whose client reads nothing is
+  dropped after ``h2_delayed_close_timeout_s``;
 - refusals (a malformed block, 431, 413) reach the pipeline only as a stream whose
   ``rejection`` is set, so they are answered, logged and counted like any request; a
   malformed block then ends the connection (GOAWAY PROTOCOL_ERROR);
@@ -61,12 +67,13 @@ import h2.exceptions
 import h2.settings
 from h2.connection import ConnectionInputs
 from h2.errors import ErrorCodes
+from h2.frame_buffer import FrameBuffer
 from h2.stream import StreamInputs
 from hpack import Decoder
 from hpack.exceptions import HPACKDecodingError, OversizedHeaderListError
 from hpack.table import HeaderTable
 from hyperframe.exceptions import HyperframeError
-from hyperframe.frame import GoAwayFrame
+from hyperframe.frame import ContinuationFrame, Frame, GoAwayFrame, HeadersFrame
 
 from ..errors import BadRequest, BodyTooLarge, GatewayError, HeadersTooLarge
 from .events import RequestHandler, RequestHead, ResponseHead, StreamReset
@@ -126,8 +133,54 @@ def _frame_head(length: int, kind: int, flags: int, stream_id: int) -> bytes:
     return _FRAME_HEAD.pack(length >> 8, length & 0xFF, kind, flags, stream_id)
 
 
+def _header_ceiling_bytes(settings: ServerSettings) -> int:
+    """How large a header block may get before it is an attack rather than a request
+    to answer 431: the HPACK decoder's ceiling, and the bound on the encoded block."""
+    return max(settings.max_request_header_bytes * 4, 64 * 1024)
+
+
+class _HeaderBlockBuffer(FrameBuffer):
+    """h2's frame buffer, with a bound on a header block still waiting for its
+    END_HEADERS (CONTINUATION flood, CVE-2024-27316 class).
+
+    h2 buffers the HEADERS frame and its CONTINUATION frames until the last one
+    arrives, and only counts frames: 64 of them, up to 1 MiB at the default frame size
+    (and twice that while it joins them), before anything is decoded or checked against
+    a limit. Here the block's encoded bytes are counted as each frame arrives, and a
+    block past the decoder's ceiling (``_header_ceiling_bytes``) is refused at once: an
+    encoded block is never much larger than what it decodes to, so such a block could
+    only have been refused after decoding. Two empty CONTINUATION frames in a row are a
+    flood as Envoy counts one (``h2_max_consecutive_empty_frames``). Both raise h2's
+    ``DenialOfServiceError``: GOAWAY ENHANCE_YOUR_CALM."""
+
+    def __init__(self, max_block_bytes: int, max_empty_frames: int) -> None:
+        super().__init__(server=True)
+        self._max_block_bytes = max_block_bytes
+        self._max_empty_frames = max_empty_frames
+        self._block_bytes = 0
+        self._empty_frames = 0
+
+    def _update_header_buffer(self, f: Frame | None) -> Frame | None:
+        if self._headers_buffer:
+            if isinstance(f, ContinuationFrame):  # anything else: h2 raises below
+                size = len(f.data)
+                self._block_bytes += size
+                if self._block_bytes > self._max_block_bytes:
+                    msg = f"header block over {self._max_block_bytes} bytes before its end"
+                    raise h2.exceptions.DenialOfServiceError(msg)
+                self._empty_frames = 0 if size else self._empty_frames + 1
+                if self._empty_frames > self._max_empty_frames:
+                    msg = f"{self._empty_frames} empty CONTINUATION frames in a row"
+                    raise h2.exceptions.DenialOfServiceError(msg)
+        elif type(f) is HeadersFrame:
+            self._block_bytes = len(f.data)
+            self._empty_frames = 0
+        return super()._update_header_buffer(f)
+
+
 class _H2Connection(h2.connection.H2Connection):
-    """h2's connection with a shorter memory of closed streams.
+    """h2's connection with a shorter memory of closed streams, and Envoy's guards
+    against frame floods.
 
     h2 remembers how each of the last 65,536 closed streams of a connection was
     closed, to tell a late frame on a stream it reset (answered with RST_STREAM) from
@@ -135,14 +188,51 @@ class _H2Connection(h2.connection.H2Connection):
     long-lived connection once it has carried 65,536 requests. Late frames can only
     be those in flight when the stream closed, and a client has at most
     ``max_concurrent_streams`` streams open, so ten times that (at least 1,024)
-    is plenty."""
+    is plenty.
 
-    def __init__(self, config: h2.config.H2Configuration, max_concurrent_streams: int) -> None:
+    The flood guards count frames that cost a client nine octets each and us a trip
+    through h2 (Envoy's ``http2_protocol_options`` of the same names, with its
+    defaults; ``ServerSettings.h2_max_*``). They count frames as they arrive, before h2
+    looks up their stream, so frames on closed streams count too:
+
+    - consecutive DATA frames with no payload and no END_STREAM (a non-empty DATA
+      frame, or a request or trailer block, starts the count again);
+    - PRIORITY frames: at most ``h2_max_priority_frames_per_stream`` per stream opened,
+      plus one stream's worth;
+    - WINDOW_UPDATE frames: at most 5 + 2 * (streams opened + ``h2_max_window_updates_
+      per_data_frame`` * DATA frames sent): a client acknowledges what it is sent, and
+      has nothing else to acknowledge.
+
+    Going over one raises h2's ``DenialOfServiceError``: h2 queues GOAWAY
+    ENHANCE_YOUR_CALM and the adapter closes the connection. ``streams_opened`` is
+    counted by the adapter, once per request block."""
+
+    def __init__(
+        self,
+        config: h2.config.H2Configuration,
+        max_concurrent_streams: int,
+        settings: ServerSettings | None = None,
+    ) -> None:
         self.MAX_CLOSED_STREAMS = max(1024, 10 * max_concurrent_streams)
         super().__init__(config)
+        settings = settings or ServerSettings()
+        self._max_empty_frames = settings.h2_max_consecutive_empty_frames
+        self._max_priority_per_stream = settings.h2_max_priority_frames_per_stream
+        self._max_updates_per_data = settings.h2_max_window_updates_per_data_frame
+        self.empty_frames = 0
+        self.priority_frames = 0
+        self.window_updates = 0
+        self.streams_opened = 0
+        self.data_frames_sent = 0
+        if not config.client_side:
+            self.incoming_buffer = _HeaderBlockBuffer(
+                _header_ceiling_bytes(settings), self._max_empty_frames
+            )
 
     @classmethod
-    def for_server(cls, max_concurrent_streams: int) -> _H2Connection:
+    def for_server(
+        cls, max_concurrent_streams: int, settings: ServerSettings | None = None
+    ) -> _H2Connection:
         """The server side as the adapter runs it: header blocks stay bytes, h2's
         field checks and normalisation are off (the same checks are made in one pass
         by ``_on_request`` / ``_on_trailers``), and responses are HPACK-encoded by
@@ -155,9 +245,52 @@ class _H2Connection(h2.connection.H2Connection):
             validate_outbound_headers=False,
             normalize_outbound_headers=False,
         )
-        conn = cls(config, max_concurrent_streams)
+        conn = cls(config, max_concurrent_streams, settings)
         conn.encoder = ResponseEncoder()  # type: ignore[assignment]
         return conn
+
+    # -- flood guards (see the class docstring) -----------------------------------------
+
+    def _receive_data_frame(self, frame: Any) -> Any:
+        if frame.data:  # the payload without its padding
+            self.empty_frames = 0
+        elif "END_STREAM" not in frame.flags:
+            self.empty_frames += 1
+            if self.empty_frames > self._max_empty_frames:
+                msg = f"{self.empty_frames} empty DATA frames in a row"
+                raise h2.exceptions.DenialOfServiceError(msg)
+        return super()._receive_data_frame(frame)
+
+    def _receive_priority_frame(self, frame: Any) -> Any:
+        # h2 also comes here for a HEADERS frame carrying priority; that frame opens a
+        # stream, which raises the limit far more than it counts.
+        self.priority_frames += 1
+        if self.priority_frames > self._max_priority_per_stream * (1 + self.streams_opened):
+            msg = f"{self.priority_frames} PRIORITY frames for {self.streams_opened} streams"
+            raise h2.exceptions.DenialOfServiceError(msg)
+        return super()._receive_priority_frame(frame)
+
+    def _receive_window_update_frame(self, frame: Any) -> Any:
+        self.window_updates += 1
+        if self.window_updates > 5 + 2 * (
+            self.streams_opened + self._max_updates_per_data * self.data_frames_sent
+        ):
+            msg = (
+                f"{self.window_updates} WINDOW_UPDATE frames for "
+                f"{self.data_frames_sent} DATA frames sent"
+            )
+            raise h2.exceptions.DenialOfServiceError(msg)
+        return super()._receive_window_update_frame(frame)
+
+    def send_data(
+        self,
+        stream_id: int,
+        data: bytes | memoryview,
+        end_stream: bool = False,
+        pad_length: Any = None,
+    ) -> None:
+        self.data_frames_sent += 1
+        super().send_data(stream_id, data, end_stream, pad_length)
 
     def send_whole_response(
         self, stream_id: int, headers: list[tuple[bytes, bytes]], body: bytes
@@ -201,6 +334,7 @@ class _H2Connection(h2.connection.H2Connection):
             machine.process_input(StreamInputs.SEND_DATA)
             machine.process_input(StreamInputs.SEND_END_STREAM)
             stream.outbound_flow_control_window -= size
+            self.data_frames_sent += 1
             out.append(_frame_head(size, _DATA, _END_STREAM, stream_id))
             out.append(body)
             self.outbound_flow_control_window -= size
@@ -608,7 +742,7 @@ class H2Protocol(asyncio.Protocol):
 
         max_streams = settings.max_concurrent_streams
         header_bytes = settings.max_request_header_bytes
-        conn = _H2Connection.for_server(max_streams)
+        conn = _H2Connection.for_server(max_streams, settings)
         codes = h2.settings.SettingCodes
         conn.local_settings = _AdvertisedSettings(
             ceiling_streams=max_streams * 2 + 16,
@@ -620,7 +754,7 @@ class H2Protocol(asyncio.Protocol):
                 codes.ENABLE_PUSH: 0,
             },
         )
-        conn.decoder = _CeilingDecoder(max(header_bytes * 4, 64 * 1024))
+        conn.decoder = _CeilingDecoder(_header_ceiling_bytes(settings))
         self._conn = conn
         self._on: dict[type, Callable[[Any], None]] = {
             h2.events.RequestReceived: self._on_request,
@@ -646,9 +780,15 @@ class H2Protocol(asyncio.Protocol):
             return
         try:
             events = self._conn.receive_data(data)
+        except h2.exceptions.DenialOfServiceError as exc:
+            # A flood guard (``_H2Connection``, ``_HeaderBlockBuffer``) or an HPACK bomb:
+            # h2 has queued GOAWAY ENHANCE_YOUR_CALM.
+            logger.warning("closing HTTP/2 connection from %s: %s", self._peer, exc)
+            self._abort_connection(ErrorCodes.ENHANCE_YOUR_CALM, goaway_queued=True)
+            return
         except h2.exceptions.ProtocolError as exc:
             # h2 has queued GOAWAY with the matching error code (PROTOCOL_ERROR,
-            # FLOW_CONTROL_ERROR, ENHANCE_YOUR_CALM for HPACK bombs, ...).
+            # FLOW_CONTROL_ERROR, ...).
             logger.debug("HTTP/2 protocol error from %s: %s", self._peer, exc)
             self._abort_connection(ErrorCodes.PROTOCOL_ERROR, goaway_queued=True)
             return
@@ -790,6 +930,10 @@ class H2Protocol(asyncio.Protocol):
         stream_id = event.stream_id
         conn = self._conn
         settings = self._settings
+        # For the flood guards: a request block is not an empty frame, and each stream
+        # opened allows more PRIORITY and WINDOW_UPDATE frames.
+        conn.empty_frames = 0
+        conn.streams_opened += 1
         if self._going_away or len(self._streams) >= settings.max_concurrent_streams:
             # The client may have reset it already, in the same read (h2 has then
             # closed it): refusing a closed stream must not take the connection down.
@@ -913,6 +1057,7 @@ class H2Protocol(asyncio.Protocol):
             _wake(stream._read_waiter)
 
     def _on_trailers(self, event: h2.events.TrailersReceived) -> None:
+        self._conn.empty_frames = 0
         problem = trailers_problem(event.headers)
         stream = self._streams.get(event.stream_id)
         if problem is not None:
@@ -939,7 +1084,11 @@ class H2Protocol(asyncio.Protocol):
         premature = not stream._local_ended
         stream._abort(event.error_code)
         self._release_window(stream)
-        if event.remote_reset and premature:
+        if premature:
+            # The client's RST_STREAM, or h2's own reset of a stream the client broke (a
+            # frame after END_STREAM, a window pushed past 2^31-1): "MadeYouReset"
+            # (CVE-2025-8671) gets the server to cancel the work as cheaply as a rapid
+            # reset does, so it counts the same, as Envoy counts every premature reset.
             self._count_client_reset()
 
     def _on_window_updated(self, event: object) -> None:
@@ -1071,9 +1220,10 @@ class H2Protocol(asyncio.Protocol):
         self._schedule_flush()
 
     def _count_client_reset(self) -> None:
-        """Rapid reset (CVE-2023-44487) guard: opening a stream and resetting it at once
-        costs the client nothing and us a task. Within a window, more premature resets
-        than the limit, and more than half the streams opened, close the connection."""
+        """Rapid reset (CVE-2023-44487) guard: opening a stream and resetting it at once,
+        or making the server reset it, costs the client nothing and us a task. Within a
+        window, more premature resets than the limit, and more than half the streams
+        opened, close the connection."""
         self.client_resets += 1
         self._roll_reset_window()
         self._window_resets += 1
@@ -1194,9 +1344,36 @@ class H2Protocol(asyncio.Protocol):
         if self._closed:
             return
         self._closed = True
-        if self._transport is not None:
-            self._transport.close()
+        transport = self._transport
+        if transport is not None:
+            transport.close()
+            # close() waits for the write buffer to drain, however long that takes: a
+            # client that reads nothing would keep the socket and its buffer forever.
+            buffered = getattr(transport, "get_write_buffer_size", None)
+            pending = buffered() if buffered is not None else 0
+            if pending:
+                self._loop.call_later(
+                    self._settings.h2_delayed_close_timeout_s,
+                    self._drop_if_stalled,
+                    transport,
+                    pending,
+                )
         self._transport_gone()
+
+    def _drop_if_stalled(self, transport: asyncio.Transport, pending_before: int) -> None:
+        """Envoy's delayed close: a closing connection whose client has read nothing of
+        what is left for ``h2_delayed_close_timeout_s`` is dropped (the timer starts again
+        whenever some of it is read)."""
+        if self._transport is not transport:
+            return  # connection_lost came: it closed in time
+        pending = transport.get_write_buffer_size()
+        if pending and pending < pending_before:
+            self._loop.call_later(
+                self._settings.h2_delayed_close_timeout_s, self._drop_if_stalled, transport, pending
+            )
+            return
+        logger.debug("dropping HTTP/2 connection from %s: %d bytes unread", self._peer, pending)
+        transport.abort()
 
     def _transport_gone(self) -> None:
         if self._idle_handle is not None:

@@ -24,8 +24,27 @@ class ServerSettings:
     # HTTP/2 rapid reset guard (CVE-2023-44487): a connection whose client resets more
     # than this many unanswered streams within the window, and more than half of the
     # streams it opened there, is closed with GOAWAY ENHANCE_YOUR_CALM.
+    # Resets count here whoever sends them: the client's RST_STREAM, and the server's
+    # own reset of a stream the client broke (a frame after END_STREAM, a window
+    # overflow: "MadeYouReset", CVE-2025-8671).
     h2_max_premature_resets: int = 200
     h2_reset_window_s: float = 10.0
+    # HTTP/2 frame-flood guards, Envoy's http2_protocol_options with Envoy's defaults.
+    # Going over any of them closes the connection with GOAWAY ENHANCE_YOUR_CALM.
+    # DATA frames with no payload (padding aside) and no END_STREAM, in a row
+    # (max_consecutive_inbound_frames_with_empty_payload; CVE-2019-9518):
+    h2_max_consecutive_empty_frames: int = 1
+    # PRIORITY frames, per stream the client opened, plus one stream's worth
+    # (max_inbound_priority_frames_per_stream; CVE-2019-9513):
+    h2_max_priority_frames_per_stream: int = 100
+    # WINDOW_UPDATE frames: at most 5 + 2 * (streams opened + this * DATA frames
+    # sent) (max_inbound_window_update_frames_per_data_frame_sent; CVE-2019-9511):
+    h2_max_window_updates_per_data_frame: int = 10
+    # Once an HTTP/2 connection is closing, how long its unsent bytes may go without
+    # the client reading any of them before the socket is dropped (Envoy's
+    # delayed_close_timeout): a client that never reads cannot keep a closed
+    # connection, and the write buffer it filled, alive.
+    h2_delayed_close_timeout_s: float = 1.0
     # HTTP/1.1 CONNECT (authority-form targets) is handed to the request handler as
     # a tunnel request; off, as on an ingress gateway, it is refused with 400.
     allow_connect: bool = False

@@ -155,11 +155,10 @@ spec:
   jwtRules:
   - issuer: https://issuer.example.test
     jwksUri: https://issuer.example.test/jwks.json
-    jwks_uri: https://issuer.example.test/jwks.json  # warn
+    jwks_uri: https://issuer.example.test/jwks.json  # read as jwksUri: no warning
     spaceDelimitedClaims: [roles]  # warn
 """
 REQUEST_AUTHENTICATION_WARNINGS = [
-    ("spec.jwtRules[0].jwks_uri", f"{NOT_ENFORCED}; meshgate reads the key set URL from jwksUri"),
     ("spec.jwtRules[0].spaceDelimitedClaims", NOT_ENFORCED),
 ]
 
