@@ -148,6 +148,11 @@ def _build_parser() -> argparse.ArgumentParser:
         "--request-header-timeout-s", type=float, help="time to send a head; over it: 408"
     )
     limits.add_argument("--idle-timeout-s", type=float, help="idle keep-alive connections")
+    limits.add_argument(
+        "--stream-idle-timeout-s",
+        type=float,
+        help="a stream stalled on its client this long ends (flag SI); 0: off",
+    )
     limits.add_argument("--drain-timeout-s", type=float, default=5.0, help="graceful stop (5)")
     limits.add_argument(
         "--malloc-mmap-threshold",
@@ -354,6 +359,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             "max_request_body_bytes",
             "request_header_timeout_s",
             "idle_timeout_s",
+            "stream_idle_timeout_s",
         )
         if getattr(args, name) is not None
     }

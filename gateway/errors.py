@@ -10,6 +10,7 @@ a short body. Each carries an Envoy-style response flag for the access log.
     ├── HeadersTooLarge               431      head over the byte or count limit
     ├── BodyTooLarge                  413      body over max_request_body_bytes
     ├── RequestHeaderTimeout          408      head not complete in time
+    ├── StreamIdleTimeout             408 SI   stalled on the client (504 if the request was whole)
     ├── Unauthenticated               401 JWT  a token was present and is not valid
     ├── AccessDenied                  403 RBAC an AuthorizationPolicy denied the request
     ├── RateLimited                   429 RL   a rate limit refused the request
@@ -49,6 +50,7 @@ __all__ = [
     "RateLimited",
     "RequestHeaderTimeout",
     "RouteNotFound",
+    "StreamIdleTimeout",
     "Unauthenticated",
     "UpstreamConnectFailure",
     "UpstreamOverflow",
@@ -113,6 +115,24 @@ class RequestHeaderTimeout(GatewayError):
     flag = "DPE"
     source = ErrorSource.DOWNSTREAM
     body = "request timeout"
+
+
+class StreamIdleTimeout(GatewayError):
+    """Envoy's ``stream_idle_timeout``: the stream waited on its client (a request body
+    that stopped coming, a response the client stopped taking) for
+    ``stream_idle_timeout_s``. As Envoy's ``maybeRequestTimeoutCode``: 408 while the
+    request is incomplete, 504 once it was received whole; after the response head,
+    the stream is reset instead."""
+
+    status = 408
+    flag = "SI"
+    source = ErrorSource.DOWNSTREAM
+    body = "stream timeout"
+
+    def __init__(self, detail: str = "", request_complete: bool = False) -> None:
+        super().__init__(detail)
+        if request_complete:
+            self.status = 504
 
 
 class Unauthenticated(GatewayError):

@@ -3,7 +3,7 @@
 It owns the wire: parsing requests (with the head/body limits of ``ServerSettings``),
 framing responses (Content-Length, chunked or close-delimited), keep-alive,
 pipelining (answered strictly in order), ``Expect: 100-continue``, flow control in both
-directions, the slow-header and idle timers, and handing a connection over to the
+directions, the slow-header, idle and stream-idle timers, and handing a connection over to the
 HTTP/2 adapter (prior-knowledge preface or ``Upgrade: h2c``).
 
 It knows nothing of routes. Each request becomes an ``H1Stream`` (a
@@ -29,6 +29,7 @@ from ..errors import (
     GatewayError,
     HeadersTooLarge,
     RequestHeaderTimeout,
+    StreamIdleTimeout,
 )
 from ..writebatch import HeldWrites
 from .events import RequestHandler, RequestHead, ResponseHead, StreamReset
@@ -203,6 +204,7 @@ class H1Stream:
                 self.continue_sent = True
                 conn.write(_CONTINUE)
             waiter = self._body_waiter = conn.loop.create_future()
+            conn.stalled()
             await waiter
 
     def body_complete(self) -> bool:
@@ -423,6 +425,12 @@ class HTTP1Connection(HeldWrites, asyncio.Protocol):
         self._head_timer: asyncio.TimerHandle | None = None
         self._idle_timer: asyncio.TimerHandle | None = None
         self._last_activity = 0.0
+        # Stream idle timeout: when the current wait on the client (request body, or
+        # a drain of the response) began, and the one timer watching it, armed only
+        # while something waits. Every wake-up of those waits is progress (bytes
+        # arrived, the buffer drained), so each wait simply restamps.
+        self._stalled_at = 0.0
+        self._stall_timer: asyncio.TimerHandle | None = None
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._head_bytes = 0
@@ -477,7 +485,7 @@ class HTTP1Connection(HeldWrites, asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        for timer in (self._head_timer, self._idle_timer):
+        for timer in (self._head_timer, self._idle_timer, self._stall_timer):
             if timer is not None:
                 timer.cancel()
         waiter = self._drain_waiter
@@ -945,10 +953,10 @@ class HTTP1Connection(HeldWrites, asyncio.Protocol):
     def _hand_over(self) -> None:
         """This protocol object stops handling the connection."""
         self.flush()  # what this adapter wrote goes before what the next one writes
-        for timer in (self._head_timer, self._idle_timer):
+        for timer in (self._head_timer, self._idle_timer, self._stall_timer):
             if timer is not None:
                 timer.cancel()
-        self._head_timer = self._idle_timer = None
+        self._head_timer = self._idle_timer = self._stall_timer = None
         self._discarding = True
         if self.on_close is not None:
             self.on_close(self)
@@ -971,6 +979,46 @@ class HTTP1Connection(HeldWrites, asyncio.Protocol):
             return
         self._idle_timer = self.loop.call_later(max(idle_s - elapsed, 0.05), self._check_idle)
 
+    def stalled(self) -> None:
+        """The active stream starts waiting on the client (slow path only: the fast
+        request never waits on it, and so never pays for this)."""
+        self._stalled_at = self.loop.time()
+        if self._stall_timer is None:
+            timeout_s = self.settings.stream_idle_timeout_s
+            if timeout_s > 0:
+                self._stall_timer = self.loop.call_later(timeout_s, self._check_stall)
+
+    def _check_stall(self) -> None:
+        """Envoy's stream_idle_timeout. The error goes to the pipeline through the
+        wait itself, so that it answers 408 (before the response head) or resets
+        (after it: the connection is closed) and logs flag SI; a cancelled task
+        would read as the client having left (DC)."""
+        self._stall_timer = None
+        stream = self._active
+        if self.closed or stream is None:
+            return
+        body_waiter = stream._body_waiter
+        drain_waiter = self._drain_waiter
+        if body_waiter is None and drain_waiter is None:
+            return  # nothing waits on the client now; the next wait re-arms
+        timeout_s = self.settings.stream_idle_timeout_s
+        left = self._stalled_at + timeout_s - self.loop.time()
+        if left > 0:
+            self._stall_timer = self.loop.call_later(left, self._check_stall)
+            return
+        if body_waiter is not None:
+            stream._body_waiter = None
+            waiter = body_waiter
+            error = StreamIdleTimeout(f"no request body for {timeout_s}s")
+        else:
+            self._drain_waiter = None
+            waiter = drain_waiter  # type: ignore[assignment]
+            error = StreamIdleTimeout(
+                f"response not taken for {timeout_s}s", request_complete=stream.body_done
+            )
+        if not waiter.done():
+            waiter.set_exception(error)
+
     # -- output and flow control ----------------------------------------------------
 
     def writelines(self, pieces: list[bytes]) -> None:
@@ -985,6 +1033,7 @@ class HTTP1Connection(HeldWrites, asyncio.Protocol):
             waiter = self._drain_waiter
             if waiter is None:
                 waiter = self._drain_waiter = self.loop.create_future()
+            self.stalled()
             await waiter
         if self.closed:
             raise StreamReset("client closed the connection")

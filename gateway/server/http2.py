@@ -24,6 +24,11 @@ What this module does:
   CONTINUATION frames) that grow past the decoder's ceiling before they end, all closed
   with GOAWAY ENHANCE_YOUR_CALM; a closing connection whose client reads nothing is
   dropped after ``h2_delayed_close_timeout_s``;
+- Envoy's stream idle timeout (``stream_idle_timeout_s``): a stream that waits on its
+  client (request DATA, or window and buffer room for its response) without progress
+  is answered 408/504 before its response head and reset (RST_STREAM NO_ERROR, as
+  Envoy's local reset) after it, logged with flag SI; the connection stays. One timer
+  per connection, armed only while some stream waits;
 - refusals (a malformed block, 431, 413) reach the pipeline only as a stream whose
   ``rejection`` is set, so they are answered, logged and counted like any request; a
   malformed block then ends the connection (GOAWAY PROTOCOL_ERROR);
@@ -75,7 +80,7 @@ from hpack.table import HeaderTable
 from hyperframe.exceptions import HyperframeError
 from hyperframe.frame import ContinuationFrame, Frame, GoAwayFrame, HeadersFrame
 
-from ..errors import BadRequest, BodyTooLarge, GatewayError, HeadersTooLarge
+from ..errors import BadRequest, BodyTooLarge, GatewayError, HeadersTooLarge, StreamIdleTimeout
 from .events import RequestHandler, RequestHead, ResponseHead, StreamReset
 from .h2fields import request_problem, target_problem, trailers_problem
 from .hpackenc import ResponseEncoder
@@ -417,6 +422,10 @@ class _CeilingDecoder(Decoder):
         return headers
 
 
+# What a stream's ``_idle_error`` becomes once the pipeline has been told.
+_IDLE_DELIVERED = StreamIdleTimeout("stream idle timeout already reported")
+
+
 def _wake(waiter: asyncio.Future[None] | None) -> None:
     if waiter is not None and not waiter.done():
         waiter.set_result(None)
@@ -454,6 +463,7 @@ class H2Stream:
     __slots__ = (
         "_body_error",
         "_chunks",
+        "_idle_error",
         "_local_ended",
         "_proto",
         "_read_waiter",
@@ -462,6 +472,7 @@ class H2Stream:
         "_reset_code",
         "_response_started",
         "_send_waiter",
+        "_stalled_at",
         "_task",
         "_unacked_bytes",
         "canceller",
@@ -491,6 +502,11 @@ class H2Stream:
         self._read_waiter: asyncio.Future[None] | None = None
         self._send_waiter: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
+        # Stream idle timeout: when the current wait on the client began (0.0: not
+        # waiting on it); once it timed out, the error the next wake-up raises, then
+        # ``_IDLE_DELIVERED``. Two stores: all a stream that never waits pays.
+        self._stalled_at = 0.0
+        self._idle_error: StreamIdleTimeout | None = None
         # Set while the pipeline's callback-driven exchange waits on the upstream
         # with no task of its own: called if the stream dies meanwhile.
         self.canceller: Callable[[], None] | None = None
@@ -520,10 +536,14 @@ class H2Stream:
                 return b""
             waiter = self._proto._loop.create_future()
             self._read_waiter = waiter
+            # Every wake-up of a read is progress (data, its end, a reset): restamp.
+            self._stall()
             try:
                 await waiter
             finally:
                 self._read_waiter = None
+                self._stalled_at = 0.0
+            self._raise_if_idle()
 
     def body_complete(self) -> bool:
         return self._remote_ended and not self._chunks
@@ -590,7 +610,9 @@ class H2Stream:
         self._check_open()
         proto = self._proto
         if proto._write_paused:
-            await proto._wait_writable()
+            self._stall()
+            await self._wait_writable()
+            self._stalled_at = 0.0
             self._check_open()
         try:
             proto._conn.send_headers(
@@ -621,14 +643,21 @@ class H2Stream:
                 return
             view = memoryview(data)
             offset = 0
+            # A stall lasts until a frame goes out: a wake-up that brings no room (a
+            # WINDOW_UPDATE for the connection or another stream) is not progress.
+            stalled = False
             while offset < total:
                 if self._reset_code is not None:
                     raise StreamReset(f"stream {stream_id} was reset", self._reset_code)
                 if proto._write_paused:
-                    await proto._wait_writable()
+                    if not stalled:
+                        stalled = self._stall()
+                    await self._wait_writable()
                     continue
                 window = conn.local_flow_control_window(stream_id)
                 if window <= 0:
+                    if not stalled:
+                        stalled = self._stall()
                     await self._wait_window()
                     continue
                 size = min(total - offset, window, conn.max_outbound_frame_size)
@@ -636,6 +665,9 @@ class H2Stream:
                 conn.send_data(stream_id, view[offset:end], end_stream=end_stream and end == total)
                 offset = end
                 proto._queued(size)
+                if stalled:
+                    stalled = False
+                    self._stalled_at = 0.0
         except h2.exceptions.StreamClosedError as exc:
             raise StreamReset(f"stream {stream_id} is closed", self._code()) from exc
         if end_stream:
@@ -692,6 +724,34 @@ class H2Stream:
         finally:
             self._send_waiter = None
             proto._window_blocked.discard(self)
+        self._raise_if_idle()
+
+    async def _wait_writable(self) -> None:
+        """Wait for the transport to drain; as ``_send_waiter``, so that the stream
+        idle timeout can wake this stream alone."""
+        proto = self._proto
+        waiter = proto._loop.create_future()
+        self._send_waiter = waiter
+        proto._drain_waiters.append(waiter)
+        try:
+            await waiter
+        finally:
+            self._send_waiter = None
+        self._raise_if_idle()
+
+    def _stall(self) -> bool:
+        """This stream starts waiting on the client (slow path only)."""
+        proto = self._proto
+        self._stalled_at = proto._loop.time()
+        if proto._stall_handle is None:
+            proto._watch_stalls()
+        return True
+
+    def _raise_if_idle(self) -> None:
+        error = self._idle_error
+        if error is not None and error is not _IDLE_DELIVERED:
+            self._idle_error = _IDLE_DELIVERED
+            raise error
 
 
 class H2Protocol(asyncio.Protocol):
@@ -730,6 +790,7 @@ class H2Protocol(asyncio.Protocol):
         self._fatal_stream: H2Stream | None = None
         self._last_stream_id = 0
         self._idle_handle: asyncio.TimerHandle | None = None
+        self._stall_handle: asyncio.TimerHandle | None = None  # stream idle timeout
         self._closed_future: asyncio.Future[None] | None = None
         # Rapid-reset accounting, over a window that restarts once it has elapsed.
         self._reset_window_start = 0.0
@@ -1276,11 +1337,6 @@ class H2Protocol(asyncio.Protocol):
         if data and not self._closed and self._transport is not None:
             self._transport.write(data)
 
-    async def _wait_writable(self) -> None:
-        waiter = self._loop.create_future()
-        self._drain_waiters.append(waiter)
-        await waiter
-
     def _arm_idle_timer(self) -> None:
         if self._idle_handle is None and not self._closed:
             self._idle_handle = self._loop.call_later(self._settings.idle_timeout_s, self._on_idle)
@@ -1289,6 +1345,54 @@ class H2Protocol(asyncio.Protocol):
         self._idle_handle = None
         if not self._streams:
             self.close(graceful=True)
+
+    def _watch_stalls(self) -> None:
+        timeout_s = self._settings.stream_idle_timeout_s
+        if timeout_s > 0 and not self._closed:
+            self._stall_handle = self._loop.call_later(timeout_s, self._check_stalls)
+
+    def _check_stalls(self) -> None:
+        """The one stream-idle timer of the connection: end the streams stalled on the
+        client for ``stream_idle_timeout_s``, re-arm for the earliest other stall."""
+        self._stall_handle = None
+        if self._closed:
+            return
+        timeout_s = self._settings.stream_idle_timeout_s
+        now = self._loop.time()
+        earliest = 0.0
+        for stream in tuple(self._streams.values()):
+            stalled_at = stream._stalled_at
+            if not stalled_at:
+                continue
+            if now - stalled_at >= timeout_s:
+                self._stream_idle(stream, timeout_s)
+            elif not earliest or stalled_at < earliest:
+                earliest = stalled_at
+        if earliest and not self._closed:
+            self._stall_handle = self._loop.call_later(
+                earliest + timeout_s - now, self._check_stalls
+            )
+
+    def _stream_idle(self, stream: H2Stream, timeout_s: float) -> None:
+        """The pipeline learns of it from the wait itself, as ``StreamIdleTimeout``
+        (flag SI): before the response head it answers 408 (504 if the request was
+        whole); after it, the stream is reset here first, with NO_ERROR as Envoy's
+        local reset, and the pipeline's own reset is then a no-op. A stream that
+        stalls again once timed out (its 408 not taken) is reset."""
+        stream._stalled_at = 0.0
+        if stream._idle_error is not None or stream._reset_code is not None:
+            self._reset_stream(stream, ErrorCodes.CANCEL)
+            return
+        stream._idle_error = StreamIdleTimeout(
+            f"stream {stream.stream_id} stalled on the client for {timeout_s}s",
+            request_complete=stream._remote_ended,
+        )
+        if stream._response_started:
+            self._reset_stream(stream, ErrorCodes.NO_ERROR)  # wakes the waits
+            self._release_window(stream)
+            return
+        _wake(stream._read_waiter)
+        _wake(stream._send_waiter)
 
     def _malformed(self, stream_id: int, headers: list[tuple[bytes, bytes]], problem: str) -> None:
         """A malformed header block (RFC 9113 §8.1.1). Nothing of it reaches a route or
@@ -1379,6 +1483,9 @@ class H2Protocol(asyncio.Protocol):
         if self._idle_handle is not None:
             self._idle_handle.cancel()
             self._idle_handle = None
+        if self._stall_handle is not None:
+            self._stall_handle.cancel()
+            self._stall_handle = None
         for stream in tuple(self._streams.values()):
             stream._abort(ErrorCodes.CANCEL)
         waiters, self._drain_waiters = self._drain_waiters, []

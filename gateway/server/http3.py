@@ -35,7 +35,9 @@ aioquic private parts used, all in one section of ``H3Protocol`` and pinned by t
 the stream receive-window writer (and the receiver's final size, known once the client
 has sent FIN or reset the stream), the sender's unacknowledged byte count, the TLS
 context's ClientHello handler (to read SNI before the certificate is chosen), and the
-TLS output buffers (freed once the handshake is complete).
+TLS output buffers (freed once the handshake is complete), and the HTTP/3 layer's
+per-stream frame state and QPACK decoder (a HEADERS frame still being buffered is
+looked at, and refused when too long; the decoder is made without a dynamic table).
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import pylsqpack
 from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.asyncio.server import QuicServer
 from aioquic.buffer import Buffer
@@ -82,6 +85,7 @@ logger = logging.getLogger(__name__)
 # HTTP/3 error codes (RFC 9114 §8.1).
 H3_NO_ERROR = 0x100
 H3_INTERNAL_ERROR = 0x102
+H3_EXCESSIVE_LOAD = 0x107
 H3_REQUEST_REJECTED = 0x10B
 H3_REQUEST_CANCELLED = 0x10C
 H3_MESSAGE_ERROR = 0x10E
@@ -229,15 +233,31 @@ def quic_configuration(
 
 
 class _H3Connection(H3Connection):
-    """aioquic's HTTP/3 layer, advertising our header limit in SETTINGS."""
+    """aioquic's HTTP/3 layer, advertising our header limit in SETTINGS, and a QPACK
+    decoder without a dynamic table.
+
+    A dynamic table lets one 1-byte field line stand for a 4 KiB entry: a 20 KB
+    header block decoded to 80 MB of fields (166 MB peak, 3 s of CPU) before any
+    limit could look at it, since pylsqpack hands back the whole list. With a table
+    capacity of 0 (SETTINGS_QPACK_MAX_TABLE_CAPACITY = 0, RFC 9204 §3.2.3) a field
+    line can only name a static-table entry (at most about 100 bytes), the client's
+    encoder stream may carry no insertions (any is QPACK_ENCODER_STREAM_ERROR) and
+    no stream can be blocked (SETTINGS_QPACK_BLOCKED_STREAMS = 0). The cost: requests
+    compress less (static table and Huffman only)."""
 
     def __init__(self, quic: Any, max_field_section_bytes: int) -> None:
         self._max_field_section_bytes = max_field_section_bytes
         super().__init__(quic)
+        # aioquic fixes its decoder's table in ``__init__`` (4 KiB, 16 blocked
+        # streams); SETTINGS, sent from there too, already said 0 (below).
+        self._max_table_capacity = self._blocked_streams = 0
+        self._decoder = pylsqpack.Decoder(0, 0)
 
     def _get_local_settings(self) -> dict[int, int]:
         local = super()._get_local_settings()
         local[Setting.MAX_FIELD_SECTION_SIZE] = self._max_field_section_bytes
+        local[Setting.QPACK_MAX_TABLE_CAPACITY] = 0
+        local[Setting.QPACK_BLOCKED_STREAMS] = 0
         return local
 
     def send_goaway(self, stream_id: int) -> None:
@@ -520,6 +540,13 @@ class H3Protocol(QuicConnectionProtocol):
         self._highest_stream_id = -4
         self._terminated = False
         self._peer = ""
+        # Request streams refused before their head was decoded: what still arrives
+        # on them is dropped before aioquic's HTTP/3 layer sees it.
+        self._discarded: set[int] = set()
+        # The rapid-reset guard's window (``_count_client_reset``).
+        self._reset_window_start = 0.0
+        self._window_resets = 0
+        self._window_streams = 0
         self._tune(quic)
 
     # -- aioquic private parts, in one place ------------------------------------------
@@ -567,6 +594,12 @@ class H3Protocol(QuicConnectionProtocol):
                     original_limits(builder=builder, space=space, stream=stream)
                 finally:
                     stream.receiver.highest_offset = saved_highest
+                return
+            if stream.stream_id % 4 == 0:
+                # A request stream whose HEADERS frame has not arrived whole (or
+                # whose pipeline is done, and STOP_SENDING is on its way): it keeps
+                # its first window. aioquic would double it as the partial frame
+                # fills it, and buffers the frame until it is complete.
                 return
             original_limits(builder=builder, space=space, stream=stream)
 
@@ -669,8 +702,16 @@ class H3Protocol(QuicConnectionProtocol):
         if isinstance(event, quic_events.HandshakeCompleted):
             self._drop_handshake_buffers()
         if isinstance(event, quic_events.StreamReset):
+            self._discarded.discard(event.stream_id)
             stream = self._streams.get(event.stream_id)
             if stream is not None:
+                if not stream._local_ended:
+                    # Our half must end too, or the QUIC stream (and the client's
+                    # stream credit) is held until the connection ends: RFC 9114
+                    # §4.1.1, a cancelled request's response is reset.
+                    with contextlib.suppress(Exception):
+                        self._quic.reset_stream(event.stream_id, H3_REQUEST_CANCELLED)
+                    self._count_client_reset()
                 stream._abort(event.error_code)
         elif isinstance(event, quic_events.StopSendingReceived):
             # The client will not read the response: aioquic resets our side.
@@ -679,11 +720,79 @@ class H3Protocol(QuicConnectionProtocol):
                 stream._abort(event.error_code)
         if self._h3 is None:
             return
+        discarded = self._discarded
+        if discarded and getattr(event, "stream_id", None) in discarded:
+            if isinstance(event, quic_events.StreamDataReceived) and event.end_stream:
+                discarded.discard(event.stream_id)
+            return
         for h3_event in self._h3.handle_event(event):
             if isinstance(h3_event, DataReceived):
                 self._on_data(h3_event)
             elif isinstance(h3_event, HeadersReceived):
                 self._on_headers(h3_event)
+        if (
+            type(event) is quic_events.StreamDataReceived
+            and event.stream_id % 4 == 0
+            and event.stream_id not in self._streams
+        ):
+            self._check_partial_head(event.stream_id)
+
+    def _check_partial_head(self, stream_id: int) -> None:
+        """A request stream whose HEADERS frame aioquic is still buffering (it decodes
+        a header block only once the whole frame is in): refused with
+        H3_EXCESSIVE_LOAD once the frame says it is longer than the ceiling HTTP/2's
+        decoder has (4 x ``max_request_header_bytes``, at least 64 KiB), without
+        waiting for it. An encoder writes a field line in fewer bytes than the 32 +
+        name + value it counts for (RFC 9114 §4.2.2), so such a block can only decode
+        to a section over the limit; a smaller one over it still gets its 431 (Envoy
+        resets a stream whose headers pass its limit). Runs only for a stream
+        whose head has not been decoded: a request that fits in one packet, the
+        usual case, costs one dictionary look-up here."""
+        h3_stream = self._h3._stream.get(stream_id)
+        if (
+            h3_stream is None
+            or h3_stream.frame_type != FrameType.HEADERS
+            or h3_stream.frame_size is None
+            or h3_stream.frame_size <= max(4 * self._settings.max_request_header_bytes, 65536)
+        ):
+            return
+        logger.info(
+            "refusing HTTP/3 stream %d from %s: HEADERS frame of %d bytes",
+            stream_id,
+            self._peer,
+            h3_stream.frame_size,
+        )
+        del self._h3._stream[stream_id]
+        if not h3_stream.receiving_ended:
+            self._discarded.add(stream_id)
+        self._refuse(stream_id, H3_EXCESSIVE_LOAD)
+
+    def _count_client_reset(self) -> None:
+        """Rapid reset guard (CVE-2023-44487), as over HTTP/2 and with its settings:
+        a request reset by the client before its response ended cost a task and
+        perhaps an upstream request, and QUIC hands the stream credit back as soon
+        as both halves are closed. Within ``h2_reset_window_s``, more such resets
+        than ``h2_max_premature_resets`` and more than half the streams opened
+        close the connection with H3_EXCESSIVE_LOAD."""
+        now = self._loop.time()
+        settings = self._settings
+        if now - self._reset_window_start > settings.h2_reset_window_s:
+            self._reset_window_start = now
+            self._window_resets = 0
+            self._window_streams = 0
+        self._window_resets += 1
+        if (
+            self._window_resets > settings.h2_max_premature_resets
+            and self._window_resets * 2 > self._window_streams
+        ):
+            logger.warning(
+                "closing HTTP/3 connection from %s: %d stream resets in %.0f s",
+                self._peer,
+                self._window_resets,
+                settings.h2_reset_window_s,
+            )
+            self._connection_gone()
+            self.close(H3_EXCESSIVE_LOAD)
 
     # -- requests -----------------------------------------------------------------------
 
@@ -698,6 +807,7 @@ class H3Protocol(QuicConnectionProtocol):
             return
         if stream_id > self._highest_stream_id:
             self._highest_stream_id = stream_id
+        self._window_streams += 1
         if self._going_away and stream_id >= self._goaway_stream_id:
             self._refuse(stream_id, H3_REQUEST_REJECTED)
             return

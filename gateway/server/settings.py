@@ -19,6 +19,12 @@ class ServerSettings:
     max_request_body_bytes: int = 1024 * 1024 * 1024  # 1 GiB; over it: 413
     request_header_timeout_s: float = 10.0  # slow-header (slowloris) guard: 408
     idle_timeout_s: float = 60.0  # keep-alive connection with no request
+    # Envoy's stream_idle_timeout (5 min; Istio keeps it), in the HTTP/1.1 and HTTP/2
+    # adapters (not HTTP/3 yet): a stream waiting on its client, for request body or
+    # for the client to take response bytes, with no progress for this long ends: 408
+    # (504 once the request is whole) before the response head, a reset after it;
+    # flag SI. 0 turns it off.
+    stream_idle_timeout_s: float = 300.0
     max_concurrent_streams: int = 100  # HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS
     write_buffer_high_bytes: int = 256 * 1024  # pause the producer above this
     # HTTP/2 rapid reset guard (CVE-2023-44487): a connection whose client resets more
@@ -27,6 +33,8 @@ class ServerSettings:
     # Resets count here whoever sends them: the client's RST_STREAM, and the server's
     # own reset of a stream the client broke (a frame after END_STREAM, a window
     # overflow: "MadeYouReset", CVE-2025-8671).
+    # The HTTP/3 adapter applies the same guard (closing with H3_EXCESSIVE_LOAD), as
+    # Envoy's connection manager does for every codec.
     h2_max_premature_resets: int = 200
     h2_reset_window_s: float = 10.0
     # HTTP/2 frame-flood guards, Envoy's http2_protocol_options with Envoy's defaults.
