@@ -17,35 +17,8 @@ from typing import Any
 import httpx
 import pytest
 from jwt_fixtures import hs256_with_public_key, jwks_json, mint, rsa_key, unsigned
-from test_gateway_helpers import Gateway, free_ports, raw_exchange
+from test_gateway_helpers import Gateway, free_ports, one_backend_config, raw_exchange
 from test_jwt_gateway import Upstream
-
-ROUTE = """
-apiVersion: networking.istio.io/v1
-kind: Gateway
-metadata: {{name: edge, namespace: istio-system}}
-spec:
-  selector: {{istio: ingressgateway}}
-  servers: [{{port: {{number: {port}, name: http, protocol: HTTP}}, hosts: ["*"]}}]
----
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {{name: app, namespace: istio-system}}
-spec:
-  hosts: [app.internal]
-  location: MESH_INTERNAL
-  resolution: STATIC
-  ports: [{{number: 80, name: http, protocol: HTTP}}]
-  endpoints: [{{address: 127.0.0.1, ports: {{http: {upstream}}}}}]
----
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {{name: app, namespace: istio-system}}
-spec:
-  hosts: ["*"]
-  gateways: [edge]
-  http: [{{route: [{{destination: {{host: app.internal}}}}]}}]
-"""
 
 DENY_ADMIN = """
 ---
@@ -96,7 +69,7 @@ class Env:
     def _start(self, config: Path, security: str) -> int:
         port, admin = free_ports(2)
         config.mkdir()
-        text = ROUTE.format(port=port, upstream=self.upstream.port) + security
+        text = one_backend_config(port, self.upstream.port, "app.internal") + security
         (config / "all.yaml").write_text(text)
         self.gateways.append(Gateway(config, admin))
         return port

@@ -156,6 +156,37 @@ class Gateway:
             raise
 
 
+def one_backend_config(port: int, backend_port: int, host: str = "app.local") -> str:
+    """The smallest gateway config: an HTTP server on ``port`` for every host, and a
+    catch-all route to one static backend on ``backend_port`` named ``host``."""
+    return f"""
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {{name: edge, namespace: istio-system}}
+spec:
+  selector: {{istio: ingressgateway}}
+  servers: [{{port: {{number: {port}, name: http, protocol: HTTP}}, hosts: ["*"]}}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: app, namespace: istio-system}}
+spec:
+  hosts: [{host}]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports: [{{number: 80, name: http, protocol: HTTP}}]
+  endpoints: [{{address: 127.0.0.1, ports: {{http: {backend_port}}}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: app, namespace: istio-system}}
+spec:
+  hosts: ["*"]
+  gateways: [edge]
+  http: [{{route: [{{destination: {{host: {host}}}}}]}}]
+"""
+
+
 def raw_exchange(port: int, data: bytes, timeout_s: float = 5.0, until_close: bool = True) -> bytes:
     """Send bytes on a fresh socket and read until the server closes (bounded)."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as s:

@@ -10,33 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_gateway_helpers import Backend, Gateway, free_ports
-
-CONFIG = """
-apiVersion: networking.istio.io/v1
-kind: Gateway
-metadata: {{name: edge, namespace: istio-system}}
-spec:
-  selector: {{istio: ingressgateway}}
-  servers: [{{port: {{number: {port}, name: http, protocol: HTTP}}, hosts: ["*"]}}]
----
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {{name: app, namespace: istio-system}}
-spec:
-  hosts: [app.local]
-  resolution: STATIC
-  ports: [{{number: 80, name: http, protocol: HTTP}}]
-  endpoints: [{{address: 127.0.0.1, ports: {{http: {app}}}}}]
----
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {{name: app, namespace: istio-system}}
-spec:
-  hosts: ["*"]
-  gateways: [edge]
-  http: [{{route: [{{destination: {{host: app.local}}}}]}}]
-"""
+from test_gateway_helpers import Backend, Gateway, free_ports, one_backend_config
 
 IDLE_S = 0.3
 
@@ -45,7 +19,7 @@ class Setup:
     def __init__(self, tmp: Path) -> None:
         self.port, admin, app = free_ports(3)
         self.app = Backend(app, "app")
-        (tmp / "config.yaml").write_text(CONFIG.format(port=self.port, app=app))
+        (tmp / "config.yaml").write_text(one_backend_config(self.port, app))
         self.gateway = Gateway(tmp, admin, "--stream-idle-timeout-s", str(IDLE_S))
 
 
